@@ -2,12 +2,16 @@
 
 ``docs.jsonl`` holds one ``[id, title, text]`` JSON array per line; ``offsets.npy`` holds the
 byte offset of every line and the end offset. Opening costs two ``mmap`` calls whatever the
-corpus size; reading passage ``i`` decodes one line.
+corpus size; reading passage ``i`` decodes one line. Writing streams: lines go straight to
+disk and offsets are flushed in blocks, so a writer holds a few MB whatever the corpus size.
 """
 from __future__ import annotations
 
 import json
 import mmap
+import os
+import shutil
+from array import array
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -22,21 +26,37 @@ OFFSETS = "offsets.npy"
 class DocStoreWriter:
     """Append passages; ``close()`` writes the offsets. Used inside a temp build folder."""
 
+    _FLUSH = 1 << 20  # offsets kept in memory before they go to the temp file
+
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self._fh = open(self.folder / DOCS, "wb")
-        self._offsets: list[int] = [0]
+        self._off_tmp = self.folder / (OFFSETS + ".raw")
+        self._off_fh = open(self._off_tmp, "wb")
+        self._offsets = array("q", [0])
+        self._end = 0
+        self._n = 0
 
     def add(self, p: Passage) -> int:
         line = json.dumps([p.id, p.title, p.text], ensure_ascii=False).encode("utf-8") + b"\n"
         self._fh.write(line)
-        self._offsets.append(self._offsets[-1] + len(line))
-        return len(self._offsets) - 2
+        self._end += len(line)
+        self._offsets.append(self._end)
+        if len(self._offsets) >= self._FLUSH:
+            self._offsets.tofile(self._off_fh)
+            self._offsets = array("q")
+        self._n += 1
+        return self._n - 1
 
     def close(self) -> int:
         self._fh.close()
-        np.save(self.folder / OFFSETS, np.asarray(self._offsets, dtype=np.int64))
-        return len(self._offsets) - 1
+        self._offsets.tofile(self._off_fh)
+        self._off_fh.close()
+        with open(self.folder / OFFSETS, "wb") as out, open(self._off_tmp, "rb") as raw:
+            np.lib.format.write_array_header_1_0(out, {"descr": "<i8", "fortran_order": False, "shape": (self._n + 1,)})
+            shutil.copyfileobj(raw, out, 1 << 22)
+        os.unlink(self._off_tmp)
+        return self._n
 
 
 class DocStore:

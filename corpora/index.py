@@ -2,11 +2,18 @@
 
 An index folder holds
 
-* ``meta.json``: corpus path and size, tokeniser version, BM25 parameters, backends built;
+* ``meta.json``: format, corpus path and size, tokeniser version, BM25 parameters, backends;
 * ``docs.jsonl`` + ``offsets.npy``: the passages (see ``docstore.py``);
 * ``titles.json``: title -> passage indices in corpus order (for browsing, loaded lazily);
-* ``bm25s/``: the bm25s sparse index (arrays memory-mapped at load), if built;
-* ``rank_bm25.pkl``: the rank-bm25 ``BM25Okapi`` object, if built.
+* format 2 (what ``build_index`` writes): ``postings/{indptr,indices,data}.npy``, one
+  term-major CSC matrix of final BM25 weights, and ``vocab*`` (``vocab.py``), built by the
+  streamed, bounded-memory builder in ``streambuild.py``; all memory-mapped at load;
+* format 1 (older builds, still loaded): ``bm25s/``, the bm25s library's saved index;
+* ``rank_bm25.pkl``: the rank-bm25 ``BM25Okapi`` object, if built (small corpora only: it
+  holds every token list in memory).
+
+The fast backend is called ``bm25s`` in both formats (configs name it so); format 2 only uses
+the same CSC layout, written by our own builder, and ``kernels.topk`` for queries.
 
 Scoring is the classic Robertson BM25 (rank-bm25's ``BM25Okapi``; bm25s ``method="robertson"``)
 with Pyserini's k1=0.9, b=0.4 by default, the setting Search-R1 and FlashRAG use for BM25.
@@ -14,15 +21,16 @@ Both backends see the same token lists (``tokenize.py``). Hits are ordered by sc
 broken by passage position in the corpus (then by id), so results are deterministic.
 Passages with score 0 (no query term at all) are never returned.
 
-Known difference between the backends: for a term found in more than half of all passages
-Robertson's idf is negative; rank-bm25 floors it at 0.25 x the mean idf, bm25s at 0. With stop
-words removed no term of the bundled corpus is that common (the largest document frequency
-is 30% of passages), so there the two agree exactly.
+For a term found in more than half of all passages Robertson's idf is negative; rank-bm25
+floors it at 0.25 x the mean idf and so does format 2; format-1 (bm25s library) indexes floor
+it at 0. With stop words removed no term of the bundled corpus is that common (the largest
+document frequency is 30% of passages), so there all agree exactly.
 """
 from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -30,16 +38,17 @@ from pathlib import Path
 from typing import Iterable, NamedTuple, Protocol, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from corpora import kernels
 from corpora.cache import atomic_write_json, publish_dir
 from corpora.corpus import Passage, iter_pages, iter_passages
 from corpora.docstore import DocStore, DocStoreWriter
+from corpora.streambuild import BLOCK_POSTINGS, CHUNK_TOKENS, POSTINGS, stream_build
 from corpora.tokenize import TOKENIZER_VERSION, tokenize
+from corpora.vocab import Vocab
 
 BACKENDS = ("bm25s", "rank_bm25")
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 
 
 class Hit(NamedTuple):
@@ -61,7 +70,35 @@ class BM25Params:
     b: float = 0.4
 
 
+class _CscBackend:
+    """Format 2: our own CSC of final weights (``streambuild.py``), vocabulary on disk."""
+
+    name = "bm25s"
+
+    def __init__(self, folder: Path, num_docs: int, mmap: bool = True):
+        d = folder / POSTINGS
+        mode = "r" if mmap else None
+        self.indptr = np.load(d / "indptr.npy", mmap_mode=mode)
+        self.indices = np.load(d / "indices.npy", mmap_mode=mode)
+        self.data = np.load(d / "data.npy", mmap_mode=mode)
+        self.vocab = Vocab(folder)
+        self.num_docs = num_docs
+        self.scratch = kernels.Scratch(num_docs)
+
+    @classmethod
+    def load(cls, folder: Path, meta: dict, mmap: bool = True) -> "_CscBackend":
+        return cls(folder, int(meta["num_passages"]), mmap)
+
+    def topk(self, token_lists: list[list[str]], k: int) -> list[list[tuple[int, float]]]:
+        get = self.vocab.get
+        ids = [np.asarray([i for i in map(get, toks) if i >= 0], dtype=np.int64) for toks in token_lists]
+        pos, val = kernels.topk(self.data, self.indices, self.indptr, self.num_docs, ids, k, self.scratch)
+        return [[(int(p), float(v)) for p, v in zip(prow, vrow) if p >= 0 and v > 0] for prow, vrow in zip(pos, val)]
+
+
 class _Bm25sBackend:
+    """Format 1: an index saved by the bm25s library (load only; builds now write format 2)."""
+
     name = "bm25s"
 
     def __init__(self, model):
@@ -70,17 +107,10 @@ class _Bm25sBackend:
         # bm25s's Robertson term-frequency part omits the constant (k1 + 1) factor of BM25Okapi;
         # multiply it back so both backends report the same scores (the ranking is unchanged).
         self.scale = float(model.k1) + 1.0
-
-    @staticmethod
-    def build(tokens: list[list[str]], folder: Path, params: BM25Params, show_progress: bool) -> None:
-        import bm25s
-
-        model = bm25s.BM25(k1=params.k1, b=params.b, method="robertson")
-        model.index(tokens, show_progress=show_progress)
-        model.save(str(folder / "bm25s"), show_progress=show_progress)
+        self.scratch = kernels.Scratch(self.num_docs)
 
     @classmethod
-    def load(cls, folder: Path, mmap: bool = True) -> "_Bm25sBackend":
+    def load(cls, folder: Path, meta: dict, mmap: bool = True) -> "_Bm25sBackend":
         import bm25s
 
         # bm25s stores the index; queries run through corpora.kernels (numba with an on-disk cache)
@@ -91,7 +121,7 @@ class _Bm25sBackend:
         vocab = self.model.vocab_dict
         ids = [np.asarray([vocab[t] for t in toks if t in vocab and t != ""], dtype=np.int64) for toks in token_lists]
         sc = self.model.scores
-        pos, val = kernels.topk(sc["data"], sc["indices"], sc["indptr"], self.num_docs, ids, k)
+        pos, val = kernels.topk(sc["data"], sc["indices"], sc["indptr"], self.num_docs, ids, k, self.scratch)
         return [[(int(p), float(v) * self.scale) for p, v in zip(prow, vrow) if p >= 0 and v > 0] for prow, vrow in zip(pos, val)]
 
 
@@ -110,7 +140,7 @@ class _RankBm25Backend:
             pickle.dump(model, fh, protocol=pickle.HIGHEST_PROTOCOL)
 
     @classmethod
-    def load(cls, folder: Path, mmap: bool = True) -> "_RankBm25Backend":
+    def load(cls, folder: Path, meta: dict, mmap: bool = True) -> "_RankBm25Backend":
         with open(folder / "rank_bm25.pkl", "rb") as fh:
             return cls(pickle.load(fh))
 
@@ -122,7 +152,8 @@ class _RankBm25Backend:
         return out
 
 
-_BACKEND_TABLE = {"bm25s": _Bm25sBackend, "rank_bm25": _RankBm25Backend}
+_BACKEND_TABLE = {"bm25s": _CscBackend, "rank_bm25": _RankBm25Backend}
+_FORMAT1_TABLE = {"bm25s": _Bm25sBackend, "rank_bm25": _RankBm25Backend}
 
 
 def _check_backends(backends: Iterable[str]) -> tuple[str, ...]:
@@ -142,8 +173,15 @@ def build_index(
     total: int | None = None,
     source: str = "",
     pages: Iterable[tuple[str, str]] | str | Path | None = None,
+    chunk_tokens: int = CHUNK_TOKENS,
+    block_postings: int = BLOCK_POSTINGS,
 ) -> Path:
-    """Tokenise and index a corpus into ``out_dir`` (written to a temp folder, then renamed)."""
+    """Stream, tokenise and index a corpus into ``out_dir`` (a temp folder, renamed when whole).
+
+    Memory stays bounded whatever the corpus size (``streambuild.py``; ``chunk_tokens`` and
+    ``block_postings`` set it), except for the ``rank_bm25`` reference backend, which keeps
+    every token list. The result does not depend on the two sizes.
+    """
     backends = _check_backends(backends)
     params = params or BM25Params()
     if isinstance(passages, (str, Path)):
@@ -153,37 +191,33 @@ def build_index(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.build-"))
-    writer = DocStoreWriter(tmp)
-    tokens: list[list[str]] = []
-    titles: dict[str, list[int]] = {}
-    seen_ids: set[str] = set()
-    for p in tqdm(passages, total=total, desc="tokenise", unit="psg", disable=not show_progress):
-        if p.id in seen_ids:
-            raise ValueError(f"duplicate passage id {p.id!r} in corpus {source or '<iterable>'}")
-        seen_ids.add(p.id)
-        i = writer.add(p)
-        titles.setdefault(p.title, []).append(i)
-        tokens.append(tokenize(f"{p.title} {p.text}"))
-    n = writer.close()
-    if n == 0:
-        raise ValueError(f"corpus {source or '<iterable>'} has no passages")
-    with open(tmp / "titles.json", "w", encoding="utf-8") as fh:
-        json.dump(titles, fh, ensure_ascii=False)
-    num_pages = _write_pages(pages, tmp / "pages") if pages is not None else 0
-    for name in backends:
-        _BACKEND_TABLE[name].build(tokens, tmp, params, show_progress)
-    meta = {
-        "format": INDEX_FORMAT,
-        "source": source,
-        "num_passages": n,
-        "tokenizer": TOKENIZER_VERSION,
-        "params": asdict(params),
-        "backends": list(backends),
-        "num_full_pages": num_pages,
-        "build_seconds": round(time.perf_counter() - t0, 3),
-    }
-    atomic_write_json(tmp / "meta.json", meta)
-    publish_dir(tmp, out_dir)
+    try:
+        stats = stream_build(passages, tmp, params.k1, params.b, build_csc="bm25s" in backends,
+                             keep_token_lists="rank_bm25" in backends, show_progress=show_progress, total=total, source=source,
+                             chunk_tokens=chunk_tokens, block_postings=block_postings)
+        titles = stats.pop("titles")
+        with open(tmp / "titles.json", "w", encoding="utf-8") as fh:
+            json.dump(titles, fh, ensure_ascii=False)
+        del titles
+        if "rank_bm25" in backends:
+            _RankBm25Backend.build(stats.pop("token_lists"), tmp, params, show_progress)
+        num_pages = _write_pages(pages, tmp / "pages") if pages is not None else 0
+        meta = {
+            "format": INDEX_FORMAT,
+            "source": source,
+            "tokenizer": TOKENIZER_VERSION,
+            "params": asdict(params),
+            "idf": "robertson, negative -> 0.25 x mean idf (rank-bm25 BM25Okapi)",
+            "backends": list(backends),
+            "num_full_pages": num_pages,
+            **stats,
+            "build_seconds": round(time.perf_counter() - t0, 3),
+        }
+        atomic_write_json(tmp / "meta.json", meta)
+        publish_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out_dir
 
 
@@ -216,7 +250,9 @@ class BM25Index:
         if backend not in self.meta["backends"]:
             raise ValueError(f"index {self.folder} has backends {self.meta['backends']}, not {backend!r}; rebuild with --backend {backend}")
         self.backend_name = backend
-        self.backend = _BACKEND_TABLE[backend].load(self.folder, mmap=mmap)
+        self.format = int(self.meta.get("format", 1))
+        table = _BACKEND_TABLE if self.format >= 2 else _FORMAT1_TABLE
+        self.backend = table[backend].load(self.folder, self.meta, mmap=mmap)
         self.docs = DocStore(self.folder)
         self._titles: dict[str, list[int]] | None = None
 

@@ -4,8 +4,8 @@
 passage positions and ``data`` the BM25 contribution of ``t`` to each. A query's score vector is
 the sum of its terms' postings; the top k are taken by score with ties broken by position.
 
-The numba kernel touches only the query terms' postings: a per-thread score buffer is reset
-entry by entry after each query, and a size-k heap keeps the best hits, so a query costs
+The numba kernel touches only the query terms' postings: a per-thread score buffer (kept
+across calls, ``Scratch``) is reset entry by entry after each query, and a size-k heap keeps the best hits, so a query costs
 O(postings), not O(passages). The kernels are compiled with ``cache=True``: the first process on a machine compiles
 them (a few seconds) and every later process loads machine code from the cache. bm25s's own
 kernels are compiled without a cache, which costs ~7 s at the first query of every process.
@@ -70,11 +70,14 @@ if HAVE_NUMBA:
         for j in range(q.shape[0]):
             t = q[j]
             for p in range(indptr[t], indptr[t + 1]):
+                v = data[p]
+                if v == 0:  # a zero-idf term: adds nothing, and must not mark the passage touched
+                    continue
                 d = indices[p]
                 if scores[d] == 0:
                     touched[n_t] = d
                     n_t += 1
-                scores[d] += data[p]
+                scores[d] += v
         # size-k heap whose root is the worst kept hit (lowest score, then highest position)
         hs = np.empty(k, dtype=np.float32)
         hi = np.empty(k, dtype=np.int64)
@@ -123,20 +126,46 @@ if HAVE_NUMBA:
             out_idx[r] = hi[r]
             out_score[r] = hs[r]
 
-    def _chunked(data, indices, indptr, num_docs, flat, ptr, k, n_chunks, out_idx, out_score):
+    def _chunked(data, indices, indptr, flat, ptr, k, n_chunks, scores_C_N, touched_C_N, out_idx, out_score):
         n_q = ptr.shape[0] - 1
         for c in prange(n_chunks):
-            scores = np.zeros(num_docs, dtype=np.float32)  # one buffer per chunk, reused per query
-            touched = np.empty(num_docs, dtype=np.int64)
+            # one buffer per chunk, reused per query; all zero on entry and on exit
             for qi in range(c * n_q // n_chunks, (c + 1) * n_q // n_chunks):
-                _one_query(data, indices, indptr, flat[ptr[qi] : ptr[qi + 1]], k, scores, touched, out_idx[qi], out_score[qi])
+                _one_query(data, indices, indptr, flat[ptr[qi] : ptr[qi + 1]], k, scores_C_N[c], touched_C_N[c], out_idx[qi], out_score[qi])
 
     # parallel over chunks for batches; serial (no thread pool woken) for a few queries
     _many_queries = njit(cache=True, parallel=True)(_chunked)
     _few_queries = njit(cache=True)(_chunked)
 
 
-def topk(data, indices, indptr, num_docs: int, queries: list[np.ndarray], k: int):
+class Scratch:
+    """Per-thread score/touched buffers for one index, reused across calls.
+
+    Allocating a zeroed ``num_docs`` buffer per call costs a page fault per 4 KiB touched
+    (milliseconds at millions of passages); the kernel leaves the buffers zeroed, so they are
+    kept. A pool, so concurrent callers each take their own set.
+    """
+
+    def __init__(self, num_docs: int):
+        import threading
+
+        self.num_docs = num_docs
+        self._free: list[tuple[np.ndarray, np.ndarray]] = []
+        self._lock = threading.Lock()
+
+    def take(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            for j, (s, t) in enumerate(self._free):
+                if s.shape[0] >= rows:
+                    return self._free.pop(j)
+        return np.zeros((rows, self.num_docs), dtype=np.float32), np.zeros((rows, self.num_docs), dtype=np.int32)
+
+    def give(self, bufs: tuple[np.ndarray, np.ndarray]) -> None:
+        with self._lock:
+            self._free.append(bufs)
+
+
+def topk(data, indices, indptr, num_docs: int, queries: list[np.ndarray], k: int, scratch: Scratch | None = None):
     """(positions [Q, k], scores [Q, k]); missing slots have position -1 and score 0."""
     if not HAVE_NUMBA:
         return topk_numpy(data, indices, indptr, num_docs, queries, k)
@@ -147,9 +176,11 @@ def topk(data, indices, indptr, num_docs: int, queries: list[np.ndarray], k: int
     ptr = np.zeros(len(queries) + 1, dtype=np.int64)
     ptr[1:] = np.cumsum([len(q) for q in queries])
     flat = np.concatenate([np.asarray(q, dtype=np.int64) for q in queries]) if ptr[-1] else np.zeros(0, np.int64)
-    if len(queries) < 8:
-        _few_queries(data, indices, indptr, num_docs, flat, ptr, k, 1, out_idx, out_score)
-    else:
-        n_chunks = min(len(queries), numba.get_num_threads())
-        _many_queries(data, indices, indptr, num_docs, flat, ptr, k, n_chunks, out_idx, out_score)
+    few = len(queries) < 8
+    n_chunks = 1 if few else min(len(queries), numba.get_num_threads())
+    scratch = scratch or Scratch(num_docs)
+    bufs = scratch.take(n_chunks)
+    kernel = _few_queries if few else _many_queries
+    kernel(data, indices, indptr, flat, ptr, k, n_chunks, bufs[0], bufs[1], out_idx, out_score)
+    scratch.give(bufs)  # only after a clean run: the kernel leaves the buffers zeroed
     return out_idx, out_score

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from corpora.cache import cache_root, file_lock
 from corpora.corpus import BUNDLED_PAGES, BUNDLED_PASSAGES, data_path
-from corpora.index import BM25Index, BM25Params, Retriever, build_index
+from corpora.index import INDEX_FORMAT, BM25Index, BM25Params, Retriever, build_index
 from corpora.tokenize import TOKENIZER_VERSION
 
 BUNDLED = "bundled"
@@ -36,7 +36,7 @@ def cached_index_dir(corpus: Path, backends: tuple[str, ...], pages: Path | None
     """Build (once, under a lock) and return the cache folder indexing ``corpus``."""
     tag = "-".join(backends)
     fp = _file_fingerprint(corpus)
-    name = f"{corpus.name.split('.')[0]}-{fp}-{tag}"
+    name = f"{corpus.name.split('.')[0]}-{fp}-{tag}-f{INDEX_FORMAT}"
     out = cache_root() / "indexes" / name
     if (out / "meta.json").exists():
         return out
