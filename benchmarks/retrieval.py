@@ -1,21 +1,34 @@
-"""Retrieval speed, memory and quality: our default BM25 backend against rank-bm25, same run.
+"""Retrieval at scale: build, memory, disk, load and query speed of our BM25 index, against rank-bm25.
 
-    python -m benchmarks.retrieval                      # bundled corpus + 1M synthetic passages
-    python -m benchmarks.retrieval --size 0             # bundled corpus only
-    python -m benchmarks.retrieval --size 200000 --out results/retrieval_200k.json
+    python -m benchmarks.retrieval --size 5000000                 # the issue-5 scale run
+    python -m benchmarks.retrieval --size 0                       # bundled corpus only
+    python -m benchmarks.retrieval --size 200000 --ref-sizes 20000 --out results/retrieval_200k.json
 
-For each corpus and backend, a fresh process builds the index (wall time, peak RSS) and a
-second fresh process loads it and answers queries: load time, first-query time (includes
-loading compiled kernels), single-query p50/p95 latency, batched queries/s (one ``search``
-call for the whole batch), peak RSS. rank-bm25 scores every passage in Python, so it answers
-only ``--ref-queries`` queries; its figures are per query and the ratio uses them.
-Top-10 overlap between the backends is measured on the queries both answered.
-On the bundled corpus it also reports supporting-title recall@1/3/10 for the HotpotQA subset
-with the question as the query.
+Rows (each build and each query phase runs in a fresh spawned process, so its peak RSS is its
+own; peak RSS is ``VmHWM`` and counts memory-mapped index pages that were touched, the
+query phase also reports anonymous memory, ``RssAnon``, at its end):
 
-The synthetic corpus has a Zipfian vocabulary (100k words, exponent 1.07 over ranks 51+, the
-head standing for stop words; 60-140 words per passage), is generated into the cache (not committed) and reused; queries are 3-6 words
-drawn from random passages. Prints a table and writes JSON (``--out``).
+* ``bundled-22980``: the packaged corpus, ours and rank-bm25, plus supporting-title recall;
+* ``synthetic-R`` for each ``--ref-sizes`` R (default 100k, 200k): ours and rank-bm25 on the
+  same corpus and queries; top-10 overlap and identical lists between them;
+* ``synthetic-SIZE``: ours only. rank-bm25 cannot be built at millions of passages here (it
+  keeps a dict per passage and scores every passage in Python), so its build and query costs
+  are projected linearly from the largest reference size (both are linear in passages) and
+  printed with the ratio to ours;
+* a projection of ours to ``--project`` passages (default 21M, Wikipedia's 100-word
+  passages): build time and disk linear in passages; query latency linear in postings
+  touched, i.e. in passages for a fixed word distribution.
+
+Per backend: build wall time and peak RSS, disk size, load time, first-query time, single-query
+p50/p95 latency (``--single`` queries one at a time), batched queries/s (one ``search`` call for
+``--queries`` queries), query-phase peak RSS. rank-bm25 answers ``--ref-queries`` queries.
+
+Synthetic corpus: Zipfian vocabulary (100k words, exponent 1.07 over ranks 51+, the head
+standing for stop words, so the commonest term is in ~28% of passages, as in real text),
+60-140 words per passage; streamed to the cache in 10k-passage blocks, each from its own seed,
+so a smaller corpus is a prefix of a larger one. Queries: 3-6 words drawn from passages of the
+first 100k. Prints a table and writes JSON (``--out``). The machine may be shared: the load
+average before and after is recorded.
 """
 from __future__ import annotations
 
@@ -33,16 +46,35 @@ import numpy as np
 
 from corpora.cache import atomic_write_json, cache_root
 
+GEN_VERSION = "v3"
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS: VmHWM (reset at exec, unlike ru_maxrss, which keeps the parent's)."""
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _build_worker(corpus: str, out_dir: str, backend: str, pages: str | None, q) -> None:
+def _rss_anon_mb() -> float:
+    anon = _status_mb("RssAnon")
+    return anon if anon is not None else float("nan")
+
+
+def _build_worker(corpus: str, out_dir: str, backend: str, pages: str | None, total: int | None, progress: bool, q) -> None:
     from corpora.index import build_index
 
     t0 = time.perf_counter()
-    build_index(corpus, out_dir, backends=(backend,), pages=pages, show_progress=False)
+    build_index(corpus, out_dir, backends=(backend,), pages=pages, show_progress=progress, total=total)
     q.put({"build_s": time.perf_counter() - t0, "build_peak_rss_mb": _peak_rss_mb()})
 
 
@@ -55,11 +87,10 @@ def _query_worker(index_dir: str, backend: str, queries: list[str], n_single: in
     t0 = time.perf_counter()
     idx.search_ids([queries[0]], k=10)
     first_s = time.perf_counter() - t0
-    lat = []
-    ranked = []
+    lat, ranked = [], []
     for qtext in queries[:n_single]:
         t0 = time.perf_counter()
-        ranked.append([i for i, _ in idx.search_ids([qtext], k=10)[0]])
+        ranked.append(idx.search_ids([qtext], k=10)[0])
         lat.append(time.perf_counter() - t0)
     out = {
         "load_s": load_s,
@@ -80,6 +111,7 @@ def _query_worker(index_dir: str, backend: str, queries: list[str], n_single: in
         out["batched_qps"] = out["single_qps"]  # no batch API: a batch is a loop
         out["n_batched"] = len(lat)
     out["query_peak_rss_mb"] = _peak_rss_mb()
+    out["query_rss_anon_mb"] = _rss_anon_mb()
     q.put(out)
 
 
@@ -95,43 +127,53 @@ def _in_child(fn, *args) -> dict:
     return res
 
 
-def synthetic_corpus(size: int, seed: int = 0) -> Path:
-    """A Zipfian-vocabulary corpus of ``size`` passages (JSONL), generated once into the cache."""
-    path = cache_root() / "synthetic" / f"zipf-{size}-s{seed}-v2.jsonl"
+def _vocab(seed: int, vocab_size: int = 100_000) -> list[str]:
+    rng = np.random.default_rng([seed, 0])
+    letters = np.array(list(string.ascii_lowercase))
+    lens = rng.integers(4, 10, size=vocab_size)
+    chars = rng.choice(letters, size=int(lens.sum()))
+    ends = np.cumsum(lens)
+    return ["".join(chars[e - n : e]) for e, n in zip(ends, lens)]
+
+
+def synthetic_corpus(size: int, seed: int = 0, block: int = 10_000) -> Path:
+    """A Zipfian-vocabulary corpus of ``size`` passages (JSONL), streamed once into the cache."""
+    path = cache_root() / "synthetic" / f"zipf-{size}-s{seed}-{GEN_VERSION}.jsonl"
     if path.exists():
         return path
     from tqdm.auto import tqdm
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    vocab_size = 100_000
-    letters = np.array(list(string.ascii_lowercase))
-    vocab = ["".join(rng.choice(letters, size=rng.integers(4, 10))) for _ in range(vocab_size)]
-    # Zipf over ranks 51..100,050: the 50 head ranks play the stop words that the tokeniser drops,
-    # so the most common term is in ~28% of passages, as in real text (30% in the bundled corpus).
-    p = 1.0 / np.arange(51, vocab_size + 51) ** 1.07
-    p /= p.sum()
+    vocab = _vocab(seed)
+    # Zipf over ranks 51..100,050: the 50 head ranks play the stop words that the tokeniser drops
+    p = 1.0 / np.arange(51, len(vocab) + 51) ** 1.07
+    cdf = np.cumsum(p / p.sum())
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as fh:
-        for start in tqdm(range(0, size, 10_000), desc="synthetic corpus", unit_scale=10_000, unit="psg"):
-            n = min(10_000, size - start)
+        for b, start in enumerate(tqdm(range(0, size, block), desc=f"synthetic corpus {size:,}", unit="block", mininterval=5)):
+            rng = np.random.default_rng([seed, 1, b])  # one seed per block: sizes share prefixes
+            n = min(block, size - start)
             lens = rng.integers(60, 141, size=n)
-            words = rng.choice(vocab_size, size=int(lens.sum()), p=p)
-            off = 0
-            for j, ln in enumerate(lens):
-                text = " ".join(vocab[w] for w in words[off : off + ln])
+            words = np.minimum(np.searchsorted(cdf, rng.random(int(lens.sum()))), len(vocab) - 1).tolist()
+            off, lines = 0, []
+            for j, ln in enumerate(lens.tolist()):
+                text = " ".join(map(vocab.__getitem__, words[off : off + ln]))
                 off += ln
-                fh.write(json.dumps({"id": f"syn{start + j}", "title": vocab[words[off - 1]], "text": text}) + "\n")
+                lines.append(json.dumps({"id": f"syn{start + j}", "title": vocab[words[off - 1]], "text": text}))
+            fh.write("\n".join(lines) + "\n")
     os.replace(tmp, path)
     return path
 
 
-def synthetic_queries(corpus: Path, n: int, seed: int = 1) -> list[str]:
+def synthetic_queries(corpus: Path, n: int, seed: int = 1, first: int = 100_000) -> list[str]:
+    """3-6 distinct words of random passages among the first ``first`` (in every larger corpus too)."""
     rng = np.random.default_rng(seed)
     lines = []
     with open(corpus) as fh:
         for i, line in enumerate(fh):
-            if i % 997 == 0:
+            if i >= first:
+                break
+            if i % 97 == 0:
                 lines.append(json.loads(line)["text"].split())
     out = []
     for _ in range(n):
@@ -140,31 +182,43 @@ def synthetic_queries(corpus: Path, n: int, seed: int = 1) -> list[str]:
     return out
 
 
-def bench_corpus(name: str, corpus: str, queries: list[str], ref_queries: int, workdir: Path, pages: str | None = None) -> dict:
-    rows = {}
-    for backend, n_single, batch in [("bm25s", min(len(queries), 300), True), ("rank_bm25", ref_queries, False)]:
-        out_dir = workdir / f"{name}-{backend}"
-        print(f"[{name}] building {backend} index ...", flush=True)
-        b = _in_child(_build_worker, corpus, str(out_dir), backend, pages)
-        print(f"[{name}] querying {backend} ...", flush=True)
-        qr = _in_child(_query_worker, str(out_dir), backend, queries, n_single, batch)
-        qr.update(b)
-        qr["disk_mb"] = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file()) / 2**20
-        rows[backend] = qr
-    fast, ref = rows["bm25s"], rows["rank_bm25"]
+def _disk_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+
+
+def bench_backend(name: str, backend: str, corpus: str, queries: list[str], n_single: int, batch: bool, workdir: Path,
+                  pages: str | None = None, total: int | None = None, progress: bool = False) -> dict:
+    out_dir = workdir / f"{name}-{backend}"
+    print(f"[{name}] building {backend} index ...", flush=True)
+    b = _in_child(_build_worker, corpus, str(out_dir), backend, pages, total, progress)
+    print(f"[{name}] {backend}: built in {b['build_s']:.1f} s, peak RSS {b['build_peak_rss_mb']:.0f} MB; querying ...", flush=True)
+    qr = _in_child(_query_worker, str(out_dir), backend, queries, n_single, batch)
+    qr.update(b)
+    qr["disk_mb"] = _disk_mb(out_dir)
+    qr["passages"] = json.loads((out_dir / "meta.json").read_text())["num_passages"]
+    return qr
+
+
+def compare(fast: dict, ref: dict) -> dict:
+    """Top-10 agreement on the queries both answered: overlap, identical id lists, max score gap."""
     n = min(len(fast["top10"]), len(ref["top10"]))
-    overlap = [len(set(a) & set(b)) / max(1, len(b)) for a, b in zip(fast["top10"][:n], ref["top10"][:n]) if b]
-    identical = sum(a == b for a, b in zip(fast["top10"][:n], ref["top10"][:n]))
-    for r in rows.values():
+    pairs = list(zip(fast["top10"][:n], ref["top10"][:n]))
+    overlap = [len({i for i, _ in a} & {i for i, _ in b}) / len(b) for a, b in pairs if b]
+    identical = sum([i for i, _ in a] == [i for i, _ in b] for a, b in pairs)
+    gaps = [abs(sa - sb) / max(abs(sb), 1e-9) for a, b in pairs if [i for i, _ in a] == [i for i, _ in b] for (_, sa), (_, sb) in zip(a, b)]
+    return {"overlap_at_10": float(np.mean(overlap)) if overlap else None, "identical_top10": f"{identical}/{n}",
+            "max_rel_score_diff": float(max(gaps)) if gaps else None}
+
+
+def bench_pair(name: str, corpus: str, queries: list[str], n_single: int, ref_queries: int, workdir: Path, pages: str | None = None) -> dict:
+    fast = bench_backend(name, "bm25s", corpus, queries, n_single, True, workdir, pages)
+    ref = bench_backend(name, "rank_bm25", corpus, queries, ref_queries, False, workdir, pages)
+    cmp = compare(fast, ref)
+    for r in (fast, ref):
         r.pop("top10")
-    return {
-        "corpus": name,
-        "backends": rows,
-        "overlap_at_10": float(np.mean(overlap)) if overlap else None,
-        "identical_top10": f"{identical}/{n}",
-        "batched_speedup_vs_rank_bm25": fast["batched_qps"] / ref["batched_qps"],
-        "single_speedup_vs_rank_bm25": fast["single_qps"] / ref["single_qps"],
-    }
+    return {"corpus": name, "passages": fast["passages"], "backends": {"bm25s": fast, "rank_bm25": ref}, **cmp,
+            "batched_speedup_vs_rank_bm25": fast["batched_qps"] / ref["batched_qps"],
+            "single_speedup_vs_rank_bm25": fast["single_qps"] / ref["single_qps"]}
 
 
 def title_recall(ks=(1, 3, 10)) -> dict:
@@ -181,48 +235,111 @@ def title_recall(ks=(1, 3, 10)) -> dict:
     return out
 
 
-def print_table(results: list[dict]) -> None:
-    cols = ["corpus", "backend", "build s", "build RSS MB", "disk MB", "load s", "1st query s", "p50 ms", "p95 ms", "batched q/s", "query RSS MB"]
+def projections(big: dict, refs: list[dict], project: int) -> dict:
+    """rank-bm25 at the big size and ours at ``project`` passages, linear in passages."""
+    n = big["passages"]
+    ours = big["backends"]["bm25s"]
+    ref = max(refs, key=lambda r: r["passages"])
+    rb = ref["backends"]["rank_bm25"]
+    m = ref["passages"]
+    rank_build = rb["build_s"] / m * n
+    rank_query_ms = 1000 / rb["single_qps"] / m * n
+    f = project / n
+    return {
+        "rank_bm25_at_size": {"from_passages": m, "build_s": rank_build, "query_ms": rank_query_ms,
+                              "build_ratio_to_ours": rank_build / ours["build_s"],
+                              "query_ratio_to_ours_single": rank_query_ms / ours["p50_ms"],
+                              "query_ratio_to_ours_batched": rank_query_ms / (1000 / ours["batched_qps"])},
+        "ours_at_project": {"passages": project, "build_s": ours["build_s"] * f, "disk_mb": ours["disk_mb"] * f,
+                            "p50_ms": ours["p50_ms"] * f, "p95_ms": ours["p95_ms"] * f, "batched_qps": ours["batched_qps"] / f,
+                            "scratch_mb_per_thread": 8 * project / 2**20},
+    }
+
+
+def print_table(results: list[dict], proj: dict | None) -> None:
+    cols = ["corpus", "backend", "passages", "build s", "build RSS MB", "disk MB", "load s", "1st query s", "p50 ms", "p95 ms",
+            "batched q/s", "query RSS MB (anon)"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for res in results:
         for name, r in res["backends"].items():
-            print(
-                f"| {res['corpus']} | {name} | {r['build_s']:.1f} | {r['build_peak_rss_mb']:.0f} | {r['disk_mb']:.0f} | {r['load_s']:.3f} | "
-                f"{r['first_query_s']:.3f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['batched_qps']:.1f} | {r['query_peak_rss_mb']:.0f} |"
-            )
+            print(f"| {res['corpus']} | {name} | {r['passages']:,} | {r['build_s']:.1f} | {r['build_peak_rss_mb']:.0f} | {r['disk_mb']:.0f} | "
+                  f"{r['load_s']:.3f} | {r['first_query_s']:.3f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['batched_qps']:.1f} | "
+                  f"{r['query_peak_rss_mb']:.0f} ({r['query_rss_anon_mb']:.0f}) |")
+    if proj:
+        rp, op = proj["rank_bm25_at_size"], proj["ours_at_project"]
+        big = results[-1]
+        print(f"| {big['corpus']} | rank_bm25 (projected from {rp['from_passages']:,}) | {big['passages']:,} | {rp['build_s']:.0f} | - | - | - | - | "
+              f"{rp['query_ms']:.0f} | - | {1000 / rp['query_ms']:.3f} | - |")
+        print(f"| projected | bm25s (linear) | {op['passages']:,} | {op['build_s']:.0f} | - | {op['disk_mb']:.0f} | - | - | "
+              f"{op['p50_ms']:.1f} | {op['p95_ms']:.1f} | {op['batched_qps']:.1f} | - |")
     print()
     for res in results:
-        print(
-            f"{res['corpus']}: bm25s/rank-bm25 batched speed ratio {res['batched_speedup_vs_rank_bm25']:.0f}x "
-            f"(single-query {res['single_speedup_vs_rank_bm25']:.0f}x); top-10 overlap {res['overlap_at_10']:.4f} "
-            f"({res['identical_top10']} identical lists)"
-        )
+        if "overlap_at_10" in res:
+            print(f"{res['corpus']}: ours/rank-bm25 batched speed ratio {res['batched_speedup_vs_rank_bm25']:.0f}x "
+                  f"(single-query {res['single_speedup_vs_rank_bm25']:.0f}x); top-10 overlap {res['overlap_at_10']:.4f} "
+                  f"({res['identical_top10']} identical lists, max relative score difference {res['max_rel_score_diff']:.1e})")
+    if proj:
+        rp = proj["rank_bm25_at_size"]
+        print(f"{results[-1]['corpus']}: rank-bm25 projected build {rp['build_s']:.0f} s = {rp['build_ratio_to_ours']:.1f}x ours; "
+              f"projected query {rp['query_ms']:.0f} ms = {rp['query_ratio_to_ours_single']:.0f}x our single-query p50, "
+              f"{rp['query_ratio_to_ours_batched']:.0f}x our batched per-query time")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=int, default=1_000_000, help="synthetic corpus size (0 = skip)")
-    ap.add_argument("--queries", type=int, default=2000, help="queries for the fast backend")
-    ap.add_argument("--ref-queries", type=int, default=0, help="queries for rank-bm25 (default: 100 bundled, 8 synthetic)")
+    ap.add_argument("--size", type=int, default=1_000_000, help="synthetic corpus size for ours only (0 = skip)")
+    ap.add_argument("--ref-sizes", type=int, nargs="*", default=[100_000, 200_000], help="sizes run with both backends")
+    ap.add_argument("--queries", type=int, default=2000, help="queries for the batched measurement")
+    ap.add_argument("--single", type=int, default=300, help="queries timed one at a time (ours)")
+    ap.add_argument("--ref-queries", type=int, default=0, help="queries for rank-bm25 (default: 100 bundled, 20 synthetic)")
+    ap.add_argument("--project", type=int, default=21_000_000, help="passages to project ours to")
+    ap.add_argument("--no-bundled", action="store_true")
     ap.add_argument("--out", default="results/retrieval.json")
     args = ap.parse_args(argv)
     from corpora.corpus import BUNDLED_PAGES, BUNDLED_PASSAGES, data_path
     from corpora.qa import load_qa
 
+    load_before = os.getloadavg()
+    t_start = time.perf_counter()
     workdir = cache_root() / "bench-indexes"
     workdir.mkdir(parents=True, exist_ok=True)
-    results = []
-    qs = [q["question"] for q in load_qa("hotpotqa")] + [q["question"] for q in load_qa("nq")]
-    results.append(bench_corpus("bundled-22980", str(data_path(BUNDLED_PASSAGES)), qs[: args.queries], args.ref_queries or 100, workdir, str(data_path(BUNDLED_PAGES))))
-    if args.size:
-        corpus = synthetic_corpus(args.size)
-        results.append(bench_corpus(f"synthetic-{args.size}", str(corpus), synthetic_queries(corpus, args.queries), args.ref_queries or 8, workdir))
-    recall = title_recall()
-    print_table(results)
-    print("HotpotQA subset supporting-title recall (question as query, bm25s): " + ", ".join(f"{k} {v:.3f}" for k, v in recall.items()))
+    results, refs = [], []
+    if not args.no_bundled:
+        qs = [q["question"] for q in load_qa("hotpotqa")] + [q["question"] for q in load_qa("nq")]
+        results.append(bench_pair("bundled-22980", str(data_path(BUNDLED_PASSAGES)), qs[: args.queries], min(args.single, len(qs)),
+                                  args.ref_queries or 100, workdir, str(data_path(BUNDLED_PAGES))))
+    big = None
+    sizes = sorted(set(args.ref_sizes + ([args.size] if args.size else [])))
+    if sizes:
+        t0 = time.perf_counter()
+        largest = synthetic_corpus(max(sizes))
+        gen_s = time.perf_counter() - t0
+        queries = synthetic_queries(largest, args.queries)
+        for r in sorted(args.ref_sizes):
+            refs.append(bench_pair(f"synthetic-{r}", str(synthetic_corpus(r)), queries, args.single, args.ref_queries or 20, workdir))
+            results.append(refs[-1])
+        if args.size and args.size not in args.ref_sizes:
+            fast = bench_backend(f"synthetic-{args.size}", "bm25s", str(largest), queries, args.single, True, workdir,
+                                 total=args.size, progress=True)
+            fast.pop("top10")
+            big = {"corpus": f"synthetic-{args.size}", "passages": fast["passages"], "backends": {"bm25s": fast}}
+            results.append(big)
+    proj = projections(big, refs, args.project) if big and refs else None
+    recall = title_recall() if not args.no_bundled else None
+    print_table(results, proj)
+    if recall:
+        print("HotpotQA subset supporting-title recall (question as query, bm25s): " + ", ".join(f"{k} {v:.3f}" for k, v in recall.items()))
+    if sizes:
+        print(f"synthetic corpus generation (or cache hit) for {max(sizes):,} passages: {gen_s:.0f} s")
+    load_after = os.getloadavg()
+    print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (2-core machine shared with other jobs: timings are lower bounds); "
+          f"total {time.perf_counter() - t_start:.0f} s")
     report = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "loadavg_before": load_before, "loadavg_after": load_after},
+        "args": vars(args),
         "results": results,
+        "projections": proj,
         "hotpotqa_title_recall": recall,
     }
     atomic_write_json(Path(args.out), report)
