@@ -90,6 +90,12 @@ def build_policy(cfg):
         from agents.models import byte_tokenizer
 
         return ScriptedPolicy(AGENTS[name], byte_tokenizer()), name == "oracle", f"scripted:{name}"
+    if name.startswith(("http://", "https://")):  # an OpenAI-compatible endpoint, e.g. http://host:8001/v1#small
+        from agents.http_policy import OpenAIPolicy, parse_model_url
+
+        url, tok = parse_model_url(name)
+        pol = OpenAIPolicy(url, tokenizer=tok)
+        return pol, False, f"openai:{url}:{pol.model}"
     import torch
 
     from agents.hf_policy import TransformersPolicy

@@ -1,0 +1,267 @@
+"""OpenAIPolicy: the Policy protocol over any OpenAI-compatible HTTP endpoint.
+
+    from agents.http_policy import OpenAIPolicy
+    policy = OpenAIPolicy("http://127.0.0.1:8001/v1", tokenizer="small")   # our server, vLLM serve, ...
+
+Two ways to talk to a server:
+
+* ``api="completions"`` (default, exact): each prompt is sent as a list of token ids with
+  ``return_tokens_as_token_ids``, ``logprobs`` and ``include_stop_str_in_output``, so the
+  reply's ``logprobs.tokens`` are ``"token_id:N"`` strings and the ids and sampling log-probs
+  are exactly what the server sampled (vLLM's OpenAI server and ``agents.openai_server`` both
+  honour this; a ``token_ids`` field on the choice, as newer vLLM gives, is used too). A server
+  that answers with plain token strings is handled by re-tokenising the text, and the
+  completion is marked ``extra["retokenized"] = True``.
+* ``api="chat"`` (for endpoints that only speak chat): the user message the prompt was built
+  from (recorded by :meth:`prompt_ids`) plus the text generated since, as an assistant
+  message, are sent as ``messages``; the reply is re-tokenised (marked). The stop string a chat
+  server strips is put back when the server says which it was (``stop_reason``) or when only
+  one action tag is open.
+
+A batch is sent as concurrent requests over one pooled :class:`requests.Session`. Connection
+errors, timeouts and 5xx answers are retried with exponential backoff (``backoff * 2**i``
+seconds); a 4xx answer raises :class:`EndpointError` naming the URL, the status and the body.
+``self.retries_done`` counts the retries.
+
+Sampling: the seed of prompt ``i`` in a batch is ``seed + i`` (equal prompts of a group must
+not get equal samples). Log-probs are whatever the server reports (vLLM and our server: raw,
+temperature-1 log-probs); a missing one is NaN, never a silent 0.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+from agents.policy import Completion, SamplingParams, first_stop
+
+_TOKEN_ID = re.compile(r"^token_id:(-?\d+)$")
+
+
+class EndpointError(RuntimeError):
+    """The endpoint refused a request (4xx) or stayed unreachable after the retries."""
+
+    def __init__(self, message: str, status: int | None = None, body: str = ""):
+        super().__init__(message)
+        self.status, self.body = status, body
+
+
+def load_named_tokenizer(name: str):
+    """``"bytes"`` -> :func:`agents.models.byte_tokenizer`; anything else -> ``load_tokenizer``."""
+    from agents.models import byte_tokenizer, load_tokenizer
+
+    return byte_tokenizer() if name == "bytes" else load_tokenizer(name)
+
+
+def parse_model_url(spec: str) -> tuple[str, str | None]:
+    """``"http://host:port/v1#small"`` -> (``"http://host:port/v1"``, ``"small"``)."""
+    url, _, frag = spec.partition("#")
+    return url, frag or None
+
+
+class OpenAIPolicy:
+    def __init__(self, base_url: str, model: str | None = None, api: str = "completions", tokenizer: Any = None,
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.5, api_key: str | None = None,
+                 max_workers: int = 16, logprobs: int = 1):
+        import requests
+        from requests.adapters import HTTPAdapter
+
+        if api not in ("completions", "chat"):
+            raise ValueError(f"api must be 'completions' or 'chat', got {api!r}")
+        base_url = base_url.rstrip("/")
+        if not re.search(r"/v\d+$", base_url):
+            base_url += "/v1"
+        self.base_url, self.api = base_url, api
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.logprobs_k = logprobs
+        self.session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max_workers)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.headers["Content-Type"] = "application/json"
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+        self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="openai-policy")
+        self.retries_done = 0
+        self._lock = threading.Lock()
+        self._user_texts: dict[tuple[int, ...], str] = {}  # prompt ids -> the user message (chat api)
+        served = None
+        if model is None or tokenizer is None:
+            served = self._get("/models")["data"][0]
+        self.model = model or served["id"]
+        if tokenizer is None:
+            tokenizer = served.get("tokenizer") or self.model  # our server names its tokenizer
+        self.tokenizer = load_named_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        self.eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
+
+    # -- HTTP ----------------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, payload: dict | None = None) -> dict:
+        import requests
+
+        url = self.base_url + path
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                with self._lock:
+                    self.retries_done += 1
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                r = self.session.request(method, url, json=payload, timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                continue
+            if r.status_code >= 500:
+                last = f"HTTP {r.status_code}: {r.text[:500]}"
+                continue
+            if r.status_code >= 400:
+                raise EndpointError(f"{method} {url} returned HTTP {r.status_code}: {r.text[:2000]}", r.status_code, r.text)
+            try:
+                return r.json()
+            except ValueError:
+                raise EndpointError(f"{method} {url} returned HTTP {r.status_code} with a body that is not JSON: "
+                                    f"{r.text[:500]!r}", r.status_code, r.text) from None
+        raise EndpointError(f"{method} {url} failed after {self.retries + 1} attempt(s); last error: {last}")
+
+    def _get(self, path: str) -> dict:
+        return self._request("GET", path)
+
+    def _post(self, path: str, payload: dict) -> dict:
+        return self._request("POST", path, payload)
+
+    # -- text <-> ids ----------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def prompt_ids(self, user_text: str, tools: list[dict] | None = None) -> list[int]:
+        msgs = [{"role": "user", "content": user_text}]
+        if getattr(self.tokenizer, "chat_template", None):
+            out = self.tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=True)
+            ids = [int(x) for x in (out["input_ids"] if hasattr(out, "keys") else out)]
+        else:
+            ids = self.encode(user_text)
+        with self._lock:
+            self._user_texts[tuple(ids)] = user_text
+        return ids
+
+    # -- generation --------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, contexts=None) -> list[Completion]:
+        one = self._complete if self.api == "completions" else self._chat
+        seeds = [None if sampling.seed is None else sampling.seed + i for i in range(len(prompts))]
+        futures = [self.pool.submit(one, list(p), sampling, s) for p, s in zip(prompts, seeds)]
+        return [f.result() for f in futures]
+
+    def _payload(self, sp: SamplingParams, seed: int | None) -> dict:
+        body: dict[str, Any] = {"model": self.model, "max_tokens": sp.max_new_tokens, "temperature": sp.temperature,
+                                "top_p": sp.top_p, "n": 1}
+        if sp.top_k:
+            body["top_k"] = sp.top_k
+        if sp.stop:
+            body["stop"] = list(sp.stop)
+            body["include_stop_str_in_output"] = True
+        if seed is not None:
+            body["seed"] = seed
+        return body
+
+    def _complete(self, prompt: list[int], sp: SamplingParams, seed: int | None) -> Completion:
+        body = {**self._payload(sp, seed), "prompt": prompt, "logprobs": self.logprobs_k,
+                "return_tokens_as_token_ids": True, "skip_special_tokens": False}
+        choice = self._post("/completions", body)["choices"][0]
+        lp = choice.get("logprobs") or {}
+        tokens, token_lps = lp.get("tokens") or [], lp.get("token_logprobs") or []
+        ids = choice.get("token_ids")
+        parsed = [_TOKEN_ID.match(t) for t in tokens] if isinstance(tokens, list) else []
+        retok = False
+        if ids is None and tokens and all(parsed):
+            ids = [int(m.group(1)) for m in parsed]
+        if ids is None:  # plain token strings (or nothing): the text is all we can trust
+            ids, retok = self.encode(choice.get("text") or ""), True
+        lps = [float("nan") if v is None else float(v) for v in token_lps]
+        if len(lps) != len(ids):
+            lps = [float("nan")] * len(ids)
+        return self._finish(ids, lps, choice, sp, retok)
+
+    def _chat(self, prompt: list[int], sp: SamplingParams, seed: int | None) -> Completion:
+        messages, cont = self._messages(prompt)
+        body = {**self._payload(sp, seed), "messages": messages, "logprobs": True}
+        if cont:  # vLLM and our server continue the assistant message instead of opening a new one
+            body.update(continue_final_message=True, add_generation_prompt=False)
+        choice = self._post("/chat/completions", body)["choices"][0]
+        text = (choice.get("message") or {}).get("content") or ""
+        if choice.get("finish_reason") == "stop" and sp.stop and first_stop(text, sp.stop) < 0:
+            text += _stripped_stop(text, sp.stop, choice.get("stop_reason"))
+        ids = self.encode(text)
+        content = (choice.get("logprobs") or {}).get("content") or []
+        lps = [float(c.get("logprob", float("nan"))) for c in content]
+        if len(lps) != len(ids):
+            lps = [float("nan")] * len(ids)
+        return self._finish(ids, lps, choice, sp, True)
+
+    def _messages(self, prompt: list[int]) -> tuple[list[dict], bool]:
+        """The chat messages behind ``prompt``: the recorded user message, plus everything after it
+        (agent actions and observations) as one assistant message to be continued."""
+        with self._lock:
+            known = list(self._user_texts.items())
+        for ids, user in sorted(known, key=lambda kv: -len(kv[0])):
+            if tuple(prompt[: len(ids)]) == ids:
+                rest = self.decode(prompt[len(ids):])
+                msgs = [{"role": "user", "content": user}]
+                return (msgs + [{"role": "assistant", "content": rest}], True) if rest else (msgs, False)
+        return [{"role": "user", "content": self.tokenizer.decode(prompt, skip_special_tokens=True)}], False
+
+    def _finish(self, ids: list[int], lps: list[float], choice: dict, sp: SamplingParams, retok: bool) -> Completion:
+        """Cut at the first stop string (as TransformersPolicy does) and name the finish reason."""
+        ids, lps = list(ids), list(lps)
+        text = self.decode(ids)
+        reason = "length"
+        cut = first_stop(text, sp.stop) if sp.stop else -1
+        if cut >= 0:
+            # the shortest prefix of ids whose text holds a stop (a server may run past it)
+            lo, hi = 1, len(ids)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if first_stop(self.decode(ids[:mid]), sp.stop) >= 0:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            ids, lps = ids[:lo], lps[:lo]
+            text = self.decode(ids)
+            text, reason = text[: first_stop(text, sp.stop)], "stop"
+        else:
+            for k, t in enumerate(ids):
+                if t in self.eos_ids:
+                    ids, lps, reason = ids[: k + 1], lps[: k + 1], "eos"
+                    break
+            else:
+                if choice.get("finish_reason") == "stop" and len(ids) < sp.max_new_tokens:
+                    reason = "eos"  # stopped by the server at its end-of-turn token (chat, re-tokenised)
+            text = self.decode(ids)
+        extra = {"retokenized": True} if retok else {}
+        if choice.get("finish_reason"):
+            extra["server_finish_reason"] = choice["finish_reason"]
+        return Completion(ids, lps, text, reason, extra)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+        self.session.close()
+
+
+def _stripped_stop(text: str, stops: Sequence[str], stop_reason: Any) -> str:
+    """The stop string a chat server removed from ``text``: the one it names, else the closing tag
+    of the last action tag opened in ``text``, else the only stop; '' when unknown."""
+    if isinstance(stop_reason, str) and stop_reason in stops:
+        return stop_reason
+    best, where = "", -1
+    for s in stops:
+        if s.startswith("</"):
+            i = text.rfind("<" + s[2:])
+            if i > where:
+                best, where = s, i
+    if best:
+        return best
+    return stops[0] if len(stops) == 1 else ""
