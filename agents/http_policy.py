@@ -215,36 +215,14 @@ class OpenAIPolicy:
         return [{"role": "user", "content": self.tokenizer.decode(prompt, skip_special_tokens=True)}], False
 
     def _finish(self, ids: list[int], lps: list[float], choice: dict, sp: SamplingParams, retok: bool) -> Completion:
-        """Cut at the first stop string (as TransformersPolicy does) and name the finish reason."""
-        ids, lps = list(ids), list(lps)
-        text = self.decode(ids)
-        reason = "length"
-        cut = first_stop(text, sp.stop) if sp.stop else -1
-        if cut >= 0:
-            # the shortest prefix of ids whose text holds a stop (a server may run past it)
-            lo, hi = 1, len(ids)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if first_stop(self.decode(ids[:mid]), sp.stop) >= 0:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            ids, lps = ids[:lo], lps[:lo]
-            text = self.decode(ids)
-            text, reason = text[: first_stop(text, sp.stop)], "stop"
-        else:
-            for k, t in enumerate(ids):
-                if t in self.eos_ids:
-                    ids, lps, reason = ids[: k + 1], lps[: k + 1], "eos"
-                    break
-            else:
-                if choice.get("finish_reason") == "stop" and len(ids) < sp.max_new_tokens:
-                    reason = "eos"  # stopped by the server at its end-of-turn token (chat, re-tokenised)
-            text = self.decode(ids)
-        extra = {"retokenized": True} if retok else {}
+        c = cut_completion(ids, lps, self.decode, sp.stop, self.eos_ids)
+        if c.finish_reason == "length" and choice.get("finish_reason") == "stop" and len(ids) < sp.max_new_tokens:
+            c.finish_reason = "eos"  # stopped by the server at an end-of-turn token it did not return (chat)
+        if retok:
+            c.extra["retokenized"] = True
         if choice.get("finish_reason"):
-            extra["server_finish_reason"] = choice["finish_reason"]
-        return Completion(ids, lps, text, reason, extra)
+            c.extra["server_finish_reason"] = choice["finish_reason"]
+        return c
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
@@ -265,3 +243,25 @@ def _stripped_stop(text: str, stops: Sequence[str], stop_reason: Any) -> str:
     if best:
         return best
     return stops[0] if len(stops) == 1 else ""
+
+
+def cut_completion(ids: Sequence[int], lps: Sequence[float], decode, stops: Sequence[str], eos_ids) -> Completion:
+    """A Completion that ends the way TransformersPolicy ends one: at the first token whose text
+    completes a stop string (kept; the text is cut right after the stop), else at the first EOS
+    (kept), else ``"length"``. A server that ran past a stop is cut back here."""
+    ids, lps = list(ids), list(lps)
+    text = decode(ids)
+    if stops and first_stop(text, stops) >= 0:
+        lo, hi = 1, len(ids)  # the shortest prefix whose text holds a stop
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if first_stop(decode(ids[:mid]), stops) >= 0:
+                hi = mid
+            else:
+                lo = mid + 1
+        text = decode(ids[:lo])
+        return Completion(ids[:lo], lps[:lo], text[: first_stop(text, stops)], "stop")
+    for k, t in enumerate(ids):
+        if t in eos_ids:
+            return Completion(ids[: k + 1], lps[: k + 1], decode(ids[: k + 1]), "eos")
+    return Completion(ids, lps, text, "length")
