@@ -25,6 +25,7 @@ from pathlib import Path
 
 from corpora.corpus import BUNDLED_PAGES, BUNDLED_PASSAGES, data_path
 from corpora.index import BACKENDS, BM25Params, build_index
+from corpora.streambuild import BLOCK_POSTINGS, CHUNK_TOKENS
 
 FORMATS = ("auto", "jsonl", "tsv", "wikixml", "html")
 
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--passages-out", default=None, help="also keep the passages JSONL made from a dump/HTML here")
     ap.add_argument("--k1", type=float, default=BM25Params.k1)
     ap.add_argument("--b", type=float, default=BM25Params.b)
+    ap.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS, help="words tokenised per spill chunk (memory)")
+    ap.add_argument("--block-postings", type=int, default=BLOCK_POSTINGS, help="postings laid out per block (memory)")
     args = ap.parse_args(argv)
     corpus, pages = args.corpus, args.pages
     if corpus == "bundled":
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             out, stats = build_html_index(corpus, args.out, args.backend, params, args.words, keep_passages=args.passages_out)
             print(f"{stats['pages']:,} pages kept of {stats['files']:,} files ({stats['empty']:,} empty)")
         else:
-            out = build_index(corpus, args.out, backends=args.backend, params=params, pages=pages)
+            out = build_index(corpus, args.out, backends=args.backend, params=params, pages=pages,
+                              chunk_tokens=args.chunk_tokens, block_postings=args.block_postings)
     except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
