@@ -204,6 +204,34 @@ class HttpRetriever:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ReplicaError(f"malformed answer: {type(exc).__name__}: {exc}") from None
 
+    def page(self, title: str) -> tuple[str, str] | None:
+        """``POST /page``: (canonical title, full page text), or None for an unknown title.
+
+        Tries the replicas in round-robin order like ``search``; raises ``RetrievalError`` when
+        none answers.
+        """
+        errors: dict[str, str] = {}
+        for url in self._order():
+            base = url[: -len("/retrieve")]
+            try:
+                r = self.session.post(base + "/page", json={"title": title}, timeout=self.timeout)
+            except requests.RequestException as exc:
+                errors[url] = f"{type(exc).__name__}: {exc}"
+                self._mark_down(url, errors[url])
+                continue
+            if r.status_code == 404 and "suggestions" in r.text:
+                return None
+            if r.status_code in RETRYABLE_STATUS:
+                errors[url] = f"HTTP {r.status_code}: {_message(r)}"
+                self._mark_down(url, errors[url])
+                continue
+            if r.status_code != 200:
+                raise ValueError(f"retrieval server {base} rejected the page request (HTTP {r.status_code}): {_message(r)}")
+            body = r.json()
+            return str(body["title"]), str(body["text"])
+        detail = "; ".join(f"{u}: {e}" for u, e in errors.items())
+        raise RetrievalError(f"no retrieval server answered /page: {detail}")
+
     def health(self) -> dict[str, dict]:
         """``GET /health`` of every replica (an ``{"error": ...}`` entry for those that fail)."""
         out = {}

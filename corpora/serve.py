@@ -11,6 +11,11 @@ answers ``{"result": [[{"document": {"id", "contents"}, "score"}, ...], ...]}`` 
 query, best first; with ``return_scores`` false each list holds the documents only.
 ``contents`` is ``'"Title"\\ntext'`` (``Passage.contents()``). ``GET /health`` answers the index
 size, uptime, request counts by status, batch statistics and recent latencies.
+``POST /page`` with ``{"title": str}`` (or ``GET /page?title=...``) answers
+``{"title": canonical title, "text": full page text}`` from the index's page store
+(``corpora.pages``: full pages where the index has them, else the title's passages), with the
+same forgiving title lookup as the env's ``browse`` (URLs, underscores, case); an unknown title
+is a 404 ``{"error", "suggestions": [titles of the best BM25 hits]}``.
 Errors are JSON ``{"error": message}``: 400 for malformed JSON, wrong fields or a ``topk``,
 query or query count over the limits; 413 for a body over ``--max-body-bytes``; 404/405 for
 other paths and methods; 503 while shutting down. A bad request never stops the server.
@@ -304,6 +309,17 @@ class RetrievalServer(ThreadingHTTPServer):
         self._inflight_lock = threading.Lock()
         super().__init__(address, RetrievalHandler)
 
+    @property
+    def pages(self):
+        """The retriever's page store (``corpora.pages.PageStore``), made on first use; None if it has none."""
+        if not hasattr(self, "_pages"):
+            with self._inflight_lock:
+                if not hasattr(self, "_pages"):
+                    from corpora.pages import PageStore
+
+                    self._pages = PageStore(self.retriever) if hasattr(self.retriever, "titles") else None
+        return self._pages
+
     def handle_error(self, request, client_address) -> None:
         exc = sys.exc_info()[1]
         if isinstance(exc, (ConnectionError, TimeoutError)):  # a client went away: not our error
@@ -369,8 +385,13 @@ class RetrievalHandler(BaseHTTPRequestHandler):
             self._send_json(200, self.server.health())
         elif path == "/retrieve":
             self._error(405, "use POST /retrieve with a JSON body")
+        elif path == "/page":
+            from urllib.parse import parse_qs
+
+            title = parse_qs(self.path.split("?", 1)[1] if "?" in self.path else "").get("title", [""])[0]
+            self._page(title)
         else:
-            self._error(404, f"no route {path!r}; use POST /retrieve or GET /health")
+            self._error(404, f"no route {path!r}; use POST /retrieve, POST /page or GET /health")
 
     def do_POST(self) -> None:
         t0 = time.perf_counter()
@@ -378,24 +399,23 @@ class RetrievalHandler(BaseHTTPRequestHandler):
         srv.track(+1)
         status, n = 500, 0
         try:
-            status, n = self._retrieve()
+            if self.path.split("?", 1)[0] == "/page":
+                status = self._page_post()
+            else:
+                status, n = self._retrieve()
         finally:
             srv.track(-1)
             dt = time.perf_counter() - t0
             srv.stats.record(status, n, dt)
             log.debug("POST %s -> %d (%d queries, %.1f ms)", self.path, status, n, 1000 * dt)
 
-    def _retrieve(self) -> tuple[int, int]:
-        srv, limits = self.server, self.server.limits
-        path = self.path.split("?", 1)[0]
-        if path != "/retrieve":
-            self.close_connection = True
-            self._error(404, f"no route {path!r}; use POST /retrieve or GET /health")
-            return 404, 0
+    def _read_body(self) -> bytes | int:
+        """The request body, or the status of the error already sent."""
+        limits = self.server.limits
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
             self._error(411, "chunked bodies are not supported: send Content-Length")
-            return 411, 0
+            return 411
         try:
             length = int(self.headers.get("Content-Length", ""))
             if length < 0:
@@ -403,7 +423,7 @@ class RetrievalHandler(BaseHTTPRequestHandler):
         except ValueError:
             self.close_connection = True
             self._error(411, "a Content-Length header is required")
-            return 411, 0
+            return 411
         if length > limits.max_body_bytes:
             # Read and discard a moderately large body so that the client sees the 413 (not a reset
             # connection) and the connection stays usable; close it on anything larger.
@@ -418,11 +438,23 @@ class RetrievalHandler(BaseHTTPRequestHandler):
             else:
                 self.close_connection = True
             self._error(413, f"request body of {length} bytes is over the limit of {limits.max_body_bytes}")
-            return 413, 0
+            return 413
         body = self.rfile.read(length)
         if len(body) < length:
             self.close_connection = True
-            return 400, 0  # the client went away mid-body
+            return 400  # the client went away mid-body
+        return body
+
+    def _retrieve(self) -> tuple[int, int]:
+        srv, limits = self.server, self.server.limits
+        path = self.path.split("?", 1)[0]
+        if path != "/retrieve":
+            self.close_connection = True
+            self._error(404, f"no route {path!r}; use POST /retrieve, POST /page or GET /health")
+            return 404, 0
+        body = self._read_body()
+        if isinstance(body, int):
+            return body, 0
         try:
             queries, topk, scores = parse_request(body, limits)
         except RequestError as exc:
@@ -450,6 +482,36 @@ class RetrievalHandler(BaseHTTPRequestHandler):
             return 500, 0
         self._send_json(200, format_result(rows, scores))
         return 200, len(queries)
+
+
+    def _page_post(self) -> int:
+        body = self._read_body()
+        if isinstance(body, int):
+            return body
+        try:
+            req = json.loads(body)
+            title = req["title"]
+            if not isinstance(title, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            self._error(400, 'a /page body is JSON {"title": str}')
+            return 400
+        return self._page(title)
+
+    def _page(self, title: str) -> int:
+        store = self.server.pages
+        if store is None:
+            self._error(501, "this server's retriever has no page store")
+            return 501
+        if not title.strip() or len(title) > self.server.limits.max_query_chars:
+            self._error(400, f"title must be non-empty and at most {self.server.limits.max_query_chars} characters")
+            return 400
+        canonical = store.resolve(title)
+        if canonical is None:
+            self._send_json(404, {"error": f"no page titled {title[:200]!r}", "status": 404, "suggestions": store.suggest(title)})
+            return 404
+        self._send_json(200, {"title": canonical, "text": store.text(canonical)})
+        return 200
 
 
 # -- running ---------------------------------------------------------------------------------
@@ -535,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     threading.Thread(target=_summary_loop, args=(server, args.log_every), daemon=True).start()
     host, port = server.server_address[:2]
-    log.info("serving %s passages from %s on http://%s:%d (POST /retrieve, GET /health); loaded in %.1f s",
+    log.info("serving %s passages from %s on http://%s:%d (POST /retrieve, POST /page, GET /health); loaded in %.1f s",
              f"{len(retriever):,}", index_name, host, port, time.perf_counter() - t0)
     server.serve_forever(poll_interval=0.1)
     server.close_gracefully(args.grace)

@@ -232,3 +232,23 @@ def test_parse_request_limits():
         with pytest.raises(RequestError) as err:
             parse_request(body, lim)
         assert err.value.status == status
+
+
+def test_page_endpoint_serves_the_page_store(server, index):
+    from corpora.pages import PageStore
+
+    store = PageStore(index)
+    r = requests.post(server.url + "/page", json={"title": "Albedo"}, timeout=30)
+    assert r.status_code == 200 and r.json() == {"title": "Albedo", "text": store.text("Albedo")}
+    assert len(r.json()["text"].split()) > 3000  # the full KILT page
+    r = requests.get(server.url + "/page", params={"title": "https://en.wikipedia.org/wiki/Ed_Wood"}, timeout=30)
+    assert r.status_code == 200 and r.json()["title"] == "Ed Wood" and r.json()["text"] == store.text("Ed Wood")
+    r = requests.post(server.url + "/page", json={"title": "Ed Woood film director"}, timeout=30)
+    assert r.status_code == 404 and r.json()["suggestions"] == store.suggest("Ed Woood film director")
+    for bad in ({"name": "Albedo"}, {"title": 3}, {"title": "  "}):
+        assert requests.post(server.url + "/page", json=bad, timeout=30).status_code == 400
+    assert requests.post(server.url + "/page", data=b"{oops", timeout=30).status_code == 400
+    client = HttpRetriever(server.url)
+    assert client.page("ed_wood") == ("Ed Wood", store.text("Ed Wood"))
+    assert client.page("No Such Page 123 zzzz") is None
+    assert requests.post(server.url + "/retrieve", json={"queries": ["Ed Wood"]}, timeout=30).status_code == 200
