@@ -195,10 +195,7 @@ def build_index(
         stats = stream_build(passages, tmp, params.k1, params.b, build_csc="bm25s" in backends,
                              keep_token_lists="rank_bm25" in backends, show_progress=show_progress, total=total, source=source,
                              chunk_tokens=chunk_tokens, block_postings=block_postings)
-        titles = stats.pop("titles")
-        with open(tmp / "titles.json", "w", encoding="utf-8") as fh:
-            json.dump(titles, fh, ensure_ascii=False)
-        del titles
+        stats.pop("titles").write_json(tmp / "titles.json")
         if "rank_bm25" in backends:
             _RankBm25Backend.build(stats.pop("token_lists"), tmp, params, show_progress)
         num_pages = _write_pages(pages, tmp / "pages") if pages is not None else 0

@@ -28,6 +28,7 @@ The vocabulary is stored sorted-searchable (``vocab.py``), so loading reads no v
 """
 from __future__ import annotations
 
+import json
 import shutil
 from array import array
 from pathlib import Path
@@ -69,6 +70,40 @@ class TermEncoder:
 
     def terms(self) -> list[str]:
         return list(self.term_ids)  # insertion order = id order
+
+
+class TitleMap:
+    """title -> passage positions, compact while streaming: one int per title whose passages are
+    contiguous (``start << 24 | count``, the usual case), a list only for titles seen apart."""
+
+    def __init__(self):
+        self._m: dict[str, int | list[int]] = {}
+
+    def add(self, title: str, i: int) -> None:
+        v = self._m.get(title)
+        if v is None:
+            self._m[title] = (i << 24) | 1
+        elif isinstance(v, list):
+            v.append(i)
+        elif (v >> 24) + (v & 0xFFFFFF) == i and (v & 0xFFFFFF) < 0xFFFFFF:
+            self._m[title] = v + 1
+        else:
+            self._m[title] = list(range(v >> 24, (v >> 24) + (v & 0xFFFFFF))) + [i]
+
+    def __len__(self) -> int:
+        return len(self._m)
+
+    def items(self):
+        for t, v in self._m.items():
+            yield t, v if isinstance(v, list) else list(range(v >> 24, (v >> 24) + (v & 0xFFFFFF)))
+
+    def write_json(self, path: Path) -> None:
+        """The ``titles.json`` object, written one title at a time."""
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write("{")
+            for j, (t, pos) in enumerate(self.items()):
+                fh.write((", " if j else "") + json.dumps(t, ensure_ascii=False) + ": " + json.dumps(pos))
+            fh.write("}")
 
 
 def _write_npy(path: Path, dtype, n: int):
@@ -159,13 +194,13 @@ def stream_build(
 ) -> dict:
     """Write doc store, titles and (if ``build_csc``) the format-2 postings into ``tmp``.
 
-    Returns stats for ``meta.json``, plus ``"titles"`` and, with ``keep_token_lists`` (for the
+    Returns stats for ``meta.json``, plus ``"titles"`` (a ``TitleMap``) and, with ``keep_token_lists`` (for the
     rank-bm25 reference backend, which needs every token list in memory), ``"token_lists"``.
     Raises ``ValueError`` on an empty corpus or a duplicate passage id.
     """
     enc = TermEncoder()
     writer = DocStoreWriter(tmp)
-    titles: dict[str, list[int]] = {}
+    titles = TitleMap()
     id_hash = array("q")
     dl = array("i")
     buf, raw_lens = array("i"), array("i")
@@ -176,7 +211,7 @@ def stream_build(
     for p in tqdm(passages, total=total, desc="pass 1/2: tokenise", unit="psg", disable=not show_progress, mininterval=2):
         id_hash.append(hash(p.id))
         i = writer.add(p)
-        titles.setdefault(p.title, []).append(i)
+        titles.add(p.title, i)
         ids = enc.encode(f"{p.title} {p.text}")
         dl.append(len(ids) - ids.count(-1))
         if keep_token_lists:

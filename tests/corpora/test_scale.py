@@ -133,3 +133,13 @@ def test_format1_bm25s_index_still_loads(tmp_path, corpus):
     for qa, qb in zip(a.search(qs, 5), b.search(qs, 5)):
         assert [h.doc_id for h in qa] == [h.doc_id for h in qb]
         assert [h.score for h in qa] == pytest.approx([h.score for h in qb], rel=1e-5)
+
+
+def test_titles_json_lists_positions_in_corpus_order(tmp_path, corpus):
+    docs = corpus[:300] + [Passage("again-0", corpus[0].title, "seen apart from its other passages")]
+    out = build_index(docs, tmp_path / "t", show_progress=False)
+    want: dict[str, list[int]] = {}
+    for i, p in enumerate(docs):
+        want.setdefault(p.title, []).append(i)
+    got = json.loads((out / "titles.json").read_text(encoding="utf-8"))
+    assert got == want and list(got) == list(want) and len(want[corpus[0].title]) > 1
