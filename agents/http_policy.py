@@ -18,6 +18,10 @@ Two ways to talk to a server:
   server strips is put back when the server says which it was (``stop_reason``) or when only
   one action tag is open.
 
+``logprobs`` (default 0) is the number of top alternatives asked for besides the sampled
+token; 0 is enough for the sampled token's log-prob (vLLM, OpenAI) and spares our server a
+scoring pass.
+
 A batch is sent as concurrent requests over one pooled :class:`requests.Session`. Connection
 errors, timeouts and 5xx answers are retried with exponential backoff (``backoff * 2**i``
 seconds); a 4xx answer raises :class:`EndpointError` naming the URL, the status and the body.
@@ -64,7 +68,7 @@ def parse_model_url(spec: str) -> tuple[str, str | None]:
 class OpenAIPolicy:
     def __init__(self, base_url: str, model: str | None = None, api: str = "completions", tokenizer: Any = None,
                  timeout: float = 60.0, retries: int = 3, backoff: float = 0.5, api_key: str | None = None,
-                 max_workers: int = 16, logprobs: int = 1):
+                 max_workers: int = 16, logprobs: int = 0):
         import requests
         from requests.adapters import HTTPAdapter
 
