@@ -306,3 +306,19 @@ def test_real_small_model_rollout_through_the_server_equals_in_process():
         assert g.prompt_ids == r.prompt_ids and g.completion_ids == r.completion_ids and g.loss_mask == r.loss_mask
         assert g.actions == r.actions and g.logprobs == pytest.approx(r.logprobs, abs=1e-3)
     assert sum(g.loss_mask.count(1) for g in got) > 20
+
+
+def test_serve_model_picks_and_prints_a_backend(capsys):
+    import importlib.util
+
+    from agents.serve_model import main
+
+    assert main(["small", "--backend", "transformers", "--dry-run", "--port", "9"]) == 0
+    assert "backend transformers (agents.openai_server)" in capsys.readouterr().out
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert main(["small", "--dry-run"]) == 0  # auto without llama.cpp: transformers, and says why
+        assert "llama_cpp not installed" in capsys.readouterr().out
+    else:
+        assert main(["/models/x.gguf", "--dry-run", "--threads", "1"]) == 0
+        out = capsys.readouterr().out
+        assert "llama_cpp.server --model /models/x.gguf --model_alias x" in out and "--n_threads 1" in out
