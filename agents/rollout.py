@@ -85,6 +85,9 @@ def rollout(
     or ``{"example": {...}}``); sample g of question i is at index ``i * group_size + g``.
     """
     n = len(reset_options) * group_size
+    clear = getattr(policy, "clear_cache", None)  # a policy may keep KV caches between turns
+    if clear:
+        clear()
     envs = [make_env() for _ in range(n)]
     trajs: list[Trajectory] = []
     contexts: list[dict] = []
@@ -95,10 +98,13 @@ def rollout(
         tools = base.tool_schemas() if getattr(base, "protocol", "tags") == "tool_call" else None
         ids = policy.prompt_ids(prompt, tools=tools)
         qid = str(info.get("question_id", opts.get("question_id", j // group_size)))
-        trajs.append(Trajectory(qid, str(info.get("question", "")), j % group_size, list(ids)))
+        tr = Trajectory(qid, str(info.get("question", "")), j % group_size, list(ids))
+        tr.info["prompt_text"] = prompt
+        tr.info["turn_spans"] = []  # [start, end) of each turn's generated ids in completion_ids
+        trajs.append(tr)
         ctx = {"episode": j, "prompt": prompt, "info": info, "observation": prompt}
         if with_privileged and hasattr(base, "privileged"):
-            ctx["privileged"] = base.privileged()
+            ctx["privileged"] = tr.info["privileged"] = base.privileged()
         contexts.append(ctx)
     live = list(range(n))
     turn_cap = max_turns or getattr(envs[0].unwrapped, "max_turns", None) or 10**9
@@ -116,6 +122,7 @@ def rollout(
         for j, c in zip(live, outs):
             ids, lps = c.token_ids[: budget[j]], c.logprobs[: budget[j]]
             tr = trajs[j]
+            tr.info["turn_spans"].append([len(tr.completion_ids), len(tr.completion_ids) + len(ids)])
             tr.completion_ids += ids
             tr.loss_mask += [1] * len(ids)
             tr.logprobs += lps
@@ -152,6 +159,8 @@ def rollout(
     for j in live:  # turn cap of the loop itself (env without its own max_turns)
         trajs[j].truncation = "max_turns"
         _finish(trajs[j], 0.0, {})
+    if clear:
+        clear()
     for tr in trajs:
         tr.text = policy.decode(tr.prompt_ids + tr.completion_ids)
         tr.info["rollout_seconds"] = round(time.perf_counter() - t0, 3)

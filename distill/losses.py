@@ -1,0 +1,141 @@
+"""Pure loss functions shared by every method. Names carry shapes.
+
+Shape letters: ``B`` batch (sequences), ``T`` token positions, ``N`` agent tokens flattened
+across a micro-batch (any leading dims work where ``..._T`` is written), ``V`` vocabulary,
+``K`` top-k entries, ``D`` hidden width, ``P`` questions, ``G`` samples per question.
+A ``mask_B_T`` is 1 on agent tokens (``loss_mask``) and 0 on prompt, observation and padding.
+
+Every function here is tested on its identities in ``tests/distill/test_losses.py``
+(METHODS.md, last section): zero signal when teacher equals student, generalised JSD at
+beta 0 / 1 equals forward / reverse KL, group advantages sum to zero per group, and masked
+positions receive no gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(values_B_T: torch.Tensor, mask_B_T: torch.Tensor, denominator: float | None = None) -> torch.Tensor:
+    """Sum of ``values`` where ``mask`` is 1, divided by the mask's sum (or ``denominator``).
+
+    A fixed ``denominator`` (all agent tokens of the whole step) makes gradient accumulation
+    over micro-batches equal to one pass over the full batch.
+    """
+    mask = mask_B_T.to(values_B_T.dtype)
+    total = (values_B_T * mask).sum()
+    den = mask.sum().clamp(min=1.0) if denominator is None else max(float(denominator), 1.0)
+    return total / den
+
+
+def group_advantages(rewards_P_G: torch.Tensor, eps: float = 1e-6, scale: bool = True) -> torch.Tensor:
+    """GRPO advantages: ``(r - mean_group(r)) / (std_group(r) + eps)``; zero mean per group.
+
+    ``std`` is the population std (0 for a group of one, which then gets advantage 0).
+    ``scale=False`` gives Dr.GRPO's mean-centring only.
+    """
+    centred = rewards_P_G - rewards_P_G.mean(dim=-1, keepdim=True)
+    if not scale:
+        return centred
+    return centred / (rewards_P_G.std(dim=-1, unbiased=False, keepdim=True) + eps)
+
+
+def token_logprobs(logits_N_V: torch.Tensor, ids_N: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[id] per position, in float32."""
+    return torch.log_softmax(logits_N_V.float(), dim=-1).gather(-1, ids_N.unsqueeze(-1)).squeeze(-1)
+
+
+def policy_gradient_loss(
+    logprobs_B_T: torch.Tensor,
+    old_logprobs_B_T: torch.Tensor,
+    advantages_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    clip_eps: float = 0.2,
+    denominator: float | None = None,
+) -> torch.Tensor:
+    """PPO-clip: ``-mean_t min(ratio A, clip(ratio, 1-eps, 1+eps) A)`` over agent tokens.
+
+    With ``old_logprobs = logprobs.detach()`` (one update per batch) the ratio is 1 and the
+    gradient is the REINFORCE gradient ``-A grad log pi``.
+    """
+    ratio = torch.exp(logprobs_B_T - old_logprobs_B_T)
+    adv = advantages_B_T.detach()
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
+    return -masked_mean(torch.minimum(unclipped, clipped), mask_B_T, denominator)
+
+
+def kl_k1(logp_B_T: torch.Tensor, logq_B_T: torch.Tensor) -> torch.Tensor:
+    """Per-token k1 estimate of KL(p || q) on tokens sampled from p: ``log p - log q``."""
+    return logp_B_T - logq_B_T
+
+
+def kl_k3(logp_B_T: torch.Tensor, logq_B_T: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(p || q) (Schulman): ``exp(log q - log p) - (log q - log p) - 1`` >= 0."""
+    d = logq_B_T - logp_B_T
+    return torch.exp(d) - d - 1.0
+
+
+def entropy(logits_N_V: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of softmax(logits) per position."""
+    logp = torch.log_softmax(logits_N_V.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def forward_kl(student_logits_N_V: torch.Tensor, teacher_logits_N_V: torch.Tensor) -> torch.Tensor:
+    """KL(q || p) per position over the full vocabulary (teacher q, student p)."""
+    logp = torch.log_softmax(student_logits_N_V.float(), -1)
+    logq = torch.log_softmax(teacher_logits_N_V.float(), -1)
+    return (logq.exp() * (logq - logp)).sum(-1)
+
+
+def reverse_kl(student_logits_N_V: torch.Tensor, teacher_logits_N_V: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per position over the full vocabulary."""
+    logp = torch.log_softmax(student_logits_N_V.float(), -1)
+    logq = torch.log_softmax(teacher_logits_N_V.float(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def generalized_jsd(student_logits_N_V: torch.Tensor, teacher_logits_N_V: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """Generalised JSD per position (GKD): with ``m = beta p + (1 - beta) q``,
+    ``beta KL(p || m) + (1 - beta) KL(q || m)``; beta=0 is KL(q || p) (forward),
+    beta=1 is KL(p || q) (reverse).
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return forward_kl(student_logits_N_V, teacher_logits_N_V)
+    if beta == 1.0:
+        return reverse_kl(student_logits_N_V, teacher_logits_N_V)
+    logp = torch.log_softmax(student_logits_N_V.float(), -1)
+    logq = torch.log_softmax(teacher_logits_N_V.float(), -1)
+    logm = torch.logsumexp(torch.stack([logp + torch.log(torch.tensor(beta)), logq + torch.log(torch.tensor(1.0 - beta))]), dim=0)
+    kl_pm = (logp.exp() * (logp - logm)).sum(-1)
+    kl_qm = (logq.exp() * (logq - logm)).sum(-1)
+    return beta * kl_pm + (1.0 - beta) * kl_qm
+
+
+def topk_reverse_kl(student_logprobs_N_K: torch.Tensor, teacher_logprobs_N_K: torch.Tensor) -> torch.Tensor:
+    """Reverse KL restricted to K tokens (the student's top-k): ``sum_k p_k (log p_k - log q_k)``.
+
+    Both inputs are full-vocabulary log-probs gathered at the same K token ids.
+    """
+    return (student_logprobs_N_K.exp() * (student_logprobs_N_K - teacher_logprobs_N_K)).sum(-1)
+
+
+def topk_forward_kl(teacher_topk_logprobs_N_K: torch.Tensor, student_logprobs_N_K: torch.Tensor) -> torch.Tensor:
+    """``KL(q~ || p)`` with q~ the teacher renormalised on its own top-k tokens and p the student's
+    full-vocabulary log-probs gathered at those tokens (eopd's forward term)."""
+    logq_tilde = teacher_topk_logprobs_N_K - torch.logsumexp(teacher_topk_logprobs_N_K, dim=-1, keepdim=True)
+    return (logq_tilde.exp() * (logq_tilde - student_logprobs_N_K)).sum(-1)
+
+
+def hidden_mse(student_hidden_L_N_D: torch.Tensor, teacher_hidden_L_N_D: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """Mean over layers, tokens and dims of ``(h_S - sg(h_T))^2`` (oprd). ``normalize`` compares
+    L2-normalised vectors (the bridge mode)."""
+    hs, ht = student_hidden_L_N_D.float(), teacher_hidden_L_N_D.detach().float()
+    if normalize:
+        hs, ht = F.normalize(hs, dim=-1), F.normalize(ht, dim=-1)
+    if hs.numel() == 0:
+        return hs.sum() * 0.0
+    return ((hs - ht) ** 2).mean()

@@ -1,0 +1,125 @@
+"""The method table. One file per method, one line here each; CLI, tests and trainer read it.
+
+A method is a ``Method`` record (see below):
+
+* ``config``: a dataclass of its knobs (every one has ``env_weight``); Hydra's
+  ``conf/method/<name>.yaml`` holds its defaults and ``method.<key>=...`` overrides them;
+* ``needs(cfg)``: teacher capabilities it requires (``distill.teachers``), checked at start-up;
+* ``prepare(trajectories, teacher, cfg, ctx) -> Signal``: attaches the teacher signal with no
+  gradient: per-trajectory rewards (env reward mixed with the teacher term; ``None`` drops a
+  trajectory whose teacher call failed), optional per-token rewards, per-token extras;
+* ``loss(mb, teacher, cfg) -> (loss, metrics)`` on one micro-batch of student outputs.
+
+All methods share the PPO-clip policy gradient on agent tokens (``pg_term``); they differ in
+how the per-token advantage is built or in an extra loss term (METHODS.md).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from distill.losses import masked_mean, policy_gradient_loss
+
+# name -> module defining METHOD. Add a method by adding a file and a line.
+METHODS: dict[str, str] = {
+    "grpo": "distill.methods.grpo",
+    "ovd": "distill.methods.ovd",
+    "opd": "distill.methods.opd",
+    "eopd": "distill.methods.eopd",
+    "opsd": "distill.methods.opsd",
+    "oprd": "distill.methods.oprd",
+}
+
+
+@dataclass
+class MethodConfig:
+    """Knobs every method has."""
+
+    name: str = ""
+    env_weight: float = 1.0  # weight of the env reward in the reward / advantage
+    clip_eps: float = 0.2  # PPO clip (the ratio is 1 with one update per batch)
+    scale_advantages: bool = True  # divide by the group std (GRPO); False = Dr.GRPO centring
+    kl_beta: float = 0.0  # k3 KL to the initial policy (GRPO's reference term); 0 = off
+
+
+@dataclass
+class Signal:
+    rewards: list[float | None]  # per trajectory; None = dropped (teacher failed)
+    token_rewards: list[list[float]] | None = None  # per agent token (per-turn scores), else None
+    extras: dict[str, list[list[float] | None]] = field(default_factory=dict)  # per agent token
+    teacher_seqs: list[list[int]] | None = None  # teacher-side sequences (privileged context)
+    teacher_targets: list[list[int]] | None = None
+    trajectories: list | None = None  # replaced trajectories (ovd mode=replace)
+    train_masks: list[list[int]] | None = None  # per agent-token 0/1 (which generated tokens train)
+    advantage_weight: float = 1.0  # multiplies the group advantages (env_weight of token-level methods)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MicroBatch:
+    """Student outputs and targets of one micro-batch, agent tokens flattened to N rows."""
+
+    seqs: list[list[int]]
+    targets: list[list[int]]  # positions (in seqs) of the agent tokens, row order
+    logits_N_V: torch.Tensor | None  # with grad
+    logprobs_N: torch.Tensor  # log pi(y_t), with grad
+    hidden_L_N_D: torch.Tensor | None
+    seq_index_N: torch.Tensor
+    target_ids_N: torch.Tensor  # the sampled token at each row
+    advantages_N: torch.Tensor  # env/teacher reward advantages (group-normalised)
+    weight_N: torch.Tensor  # 1 where the token trains (0 for teacher tokens in ovd replace)
+    extras: dict[str, torch.Tensor]
+    denominator: float  # agent tokens in the whole step
+    teacher_seqs: list[list[int]] | None = None
+    teacher_targets: list[list[int]] | None = None
+    reference: Any = None  # the initial policy (a LocalTeacher) when kl_beta > 0
+    state: dict = field(default_factory=dict)  # method state kept in checkpoints (oprd's bridge)
+    n_layers: tuple[int, int] = (0, 0)  # (student, teacher) blocks
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: type
+    needs: Callable[[Any], frozenset[str]]
+    prepare: Callable[..., Signal]
+    loss: Callable[..., tuple[torch.Tensor, dict]]
+    student_layers: Callable[[Any, int, int], list[int] | None] = lambda cfg, ls, lt: None
+    uses_privileged: bool = False
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; the table has {sorted(METHODS)}")
+    return importlib.import_module(METHODS[name]).METHOD
+
+
+def pg_term(mb: MicroBatch, cfg: MethodConfig, token_advantages_N: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The shared PPO-clip loss on agent tokens, plus GRPO's k3 KL to the reference if asked."""
+    adv = mb.advantages_N if token_advantages_N is None else token_advantages_N
+    old = mb.logprobs_N.detach()
+    loss = policy_gradient_loss(mb.logprobs_N, old, adv, mb.weight_N, cfg.clip_eps, mb.denominator)
+    metrics = {"pg_loss": as_mean(loss, mb)}
+    if cfg.kl_beta > 0 and mb.reference is not None:
+        from distill.losses import kl_k3
+
+        ref = torch.tensor([x for lp in mb.reference.logprobs(mb.seqs, mb.targets) for x in lp], dtype=torch.float32)
+        kl = masked_mean(kl_k3(mb.logprobs_N, ref), mb.weight_N, mb.denominator)
+        loss = loss + cfg.kl_beta * kl
+        metrics["kl_ref"] = as_mean(kl, mb)
+    return loss, metrics
+
+
+def as_mean(term: torch.Tensor, mb: MicroBatch) -> float:
+    """A term normalised by the whole step's agent tokens, as this micro-batch's mean (for logs;
+    the trainer averages logged values weighted by rows)."""
+    return float(term.detach()) * mb.denominator / max(float(mb.weight_N.sum()), 1.0)
+
+
+def env_signal(trajectories, env_weight: float) -> Signal:
+    """Env rewards as they are; their group advantages are scaled by ``env_weight`` (scaling the
+    rewards would be undone by the group normalisation)."""
+    return Signal(rewards=[float(t.reward) for t in trajectories], advantage_weight=float(env_weight))

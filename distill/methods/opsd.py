@@ -1,0 +1,83 @@
+"""opsd: on-policy self-distillation - the same model, told the answer, teaches itself.
+
+The teacher is the student's initial policy (``teacher=self``: the LoRA adapters disabled) with
+privileged information in its prompt: the gold answers and gold supporting passages from
+``env.unwrapped.privileged()``, placed before the normal prompt. It scores the student's own
+tokens: the teacher sequence is ``privileged prompt + the same completion ids``. Loss:
+``form=jsd`` (default) full-vocabulary generalised JSD with ``beta=0.5`` per agent token
+(teacher rows per micro-batch), or ``form=k1`` the sampled-token advantage as in opd. The env
+reward enters through ``env_weight`` (default 0: pure self-distillation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distill.losses import generalized_jsd, masked_mean
+from distill.methods import Method, MethodConfig, Signal, as_mean, env_signal, pg_term
+
+
+@dataclass
+class OPSDConfig(MethodConfig):
+    name: str = "opsd"
+    env_weight: float = 0.0
+    form: str = "jsd"  # jsd | k1
+    beta: float = 0.5
+    kl_coef: float = 1.0
+    privileged_chars: int = 2000  # characters of gold passages put in the teacher's prompt
+
+    def __post_init__(self):
+        if self.form not in ("jsd", "k1"):
+            raise ValueError(f"opsd form must be jsd or k1, got {self.form!r}")
+
+
+def privileged_text(prompt: str, priv: dict, max_chars: int) -> str:
+    answers = " | ".join(map(str, priv.get("answers", [])))
+    passages = "\n".join(f"- {p}" for p in priv.get("supporting_passages", []))[:max_chars]
+    block = f"(Privileged reference, not visible to the agent.) The correct answer is: {answers}\n"
+    if passages:
+        block += f"Supporting passages:\n{passages}\n"
+    return block + "\n" + prompt
+
+
+def teacher_sequences(trajectories, policy, max_chars: int) -> tuple[list[list[int]], list[list[int]]]:
+    seqs, targets = [], []
+    for t in trajectories:
+        priv = t.info.get("privileged")
+        if priv is None:
+            raise RuntimeError("opsd needs trajectories rolled out with privileged information (with_privileged=True)")
+        pids = policy.prompt_ids(privileged_text(t.info["prompt_text"], priv, max_chars))
+        seqs.append(list(pids) + list(t.completion_ids))
+        targets.append([len(pids) + i for i, m in enumerate(t.loss_mask) if m])
+    return seqs, targets
+
+
+def needs(cfg) -> frozenset[str]:
+    return frozenset({"distribution"}) if cfg.form == "jsd" else frozenset({"logprobs"})
+
+
+def prepare(trajectories, teacher, cfg, ctx) -> Signal:
+    sig = env_signal(trajectories, cfg.env_weight)
+    sig.teacher_seqs, sig.teacher_targets = teacher_sequences(trajectories, ctx.policy, cfg.privileged_chars)
+    if cfg.form == "k1":
+        lq = teacher.logprobs(sig.teacher_seqs, sig.teacher_targets)
+        sig.extras["teacher_logprobs"] = lq
+        for i, x in enumerate(lq):
+            if x is None:
+                sig.rewards[i] = None
+    return sig
+
+
+def loss(mb, teacher, cfg):
+    if cfg.form == "k1":
+        k1 = mb.logprobs_N.detach() - mb.extras["teacher_logprobs"]
+        total, m = pg_term(mb, cfg, mb.advantages_N - cfg.kl_coef * k1)
+        m["kl_k1"] = float(masked_mean(k1, mb.weight_N))
+        return total, m
+    pg, m = pg_term(mb, cfg)
+    t_logits = teacher.distribution(mb.teacher_seqs, mb.teacher_targets)
+    jsd = masked_mean(generalized_jsd(mb.logits_N_V, t_logits, cfg.beta), mb.weight_N, mb.denominator)
+    m["jsd"] = as_mean(jsd, mb)
+    return pg + cfg.kl_coef * jsd, m
+
+
+METHOD = Method("opsd", OPSDConfig, needs=needs, prepare=prepare, loss=loss, uses_privileged=True)

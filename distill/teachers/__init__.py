@@ -1,0 +1,115 @@
+"""Teachers: one protocol, capability by capability.
+
+A teacher offers some of these capabilities (``teacher.capabilities``):
+
+=================  ===================================================================
+``score``          reply to chat messages (a verbal 0-9 score for ovd)
+``logprobs``       log q(seq[t] | seq[:t]) at given target positions (opd k1)
+``topk_logprobs``  the teacher's own top-k token ids and log-probs at target positions
+``distribution``   full-vocabulary logits at target positions (JSD, top-k over the
+                   student's tokens, teacher entropy for eopd); local only
+``hidden_states``  block outputs of chosen layers at target positions (oprd); local only
+``act``            a Policy that acts in the env (ovd ``mode=replace``)
+=================  ===================================================================
+
+Backends: ``local`` (a transformers model in this process), ``self`` (the student itself with
+its LoRA adapters disabled, i.e. the initial policy; for opsd), ``http`` (any OpenAI-compatible
+endpoint over ``requests``: scores through chat, log-probs where the server returns prompt
+log-probs with ``echo``), ``vllm`` (GPU). A method states what it needs and
+``check_capabilities`` fails at start-up with a message naming what is missing.
+
+Token-level capabilities take ids in the *student's* tokenizer; ``same_tokenizer`` checks that
+a teacher can read them (no vocabulary mapping is done).
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+CAPABILITIES = ("score", "logprobs", "topk_logprobs", "distribution", "hidden_states", "act")
+TOKEN_LEVEL = frozenset({"logprobs", "topk_logprobs", "distribution", "hidden_states"})
+
+
+class Teacher(Protocol):
+    name: str
+    capabilities: frozenset[str]
+    tokenizer: Any  # None when unknown (a remote chat-only endpoint)
+
+    def score(self, messages: Sequence[list[dict]], sample: bool = False) -> list[str | None]:
+        """One reply per chat; None where the request failed after retries."""
+        ...
+
+    def logprobs(self, seqs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> list[list[float] | None]: ...
+
+
+class CapabilityError(ValueError):
+    pass
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers map text to the same ids (vocabulary and a probe string)."""
+    if a is None or b is None:
+        return False
+    if a is b:
+        return True
+    probe = "Question: who wrote <search> Hamlet </search>? 1,234 ümlaut"
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab() and a.encode(probe, add_special_tokens=False) == b.encode(probe, add_special_tokens=False)
+
+
+def check_capabilities(method: str, needs: frozenset[str], teacher, student_tokenizer) -> None:
+    """Raise ``CapabilityError`` naming what ``teacher`` lacks for ``method``."""
+    if not needs:
+        return
+    if teacher is None:
+        raise CapabilityError(f"method {method!r} needs a teacher with {sorted(needs)}; got teacher=none")
+    missing = sorted(needs - teacher.capabilities)
+    if missing:
+        raise CapabilityError(
+            f"method {method!r} needs teacher capabilities {missing}, which teacher {teacher.name!r} "
+            f"({type(teacher).__name__}) does not offer (it offers {sorted(teacher.capabilities)}). "
+            + ("A remote endpoint offers token log-probs only if it returns prompt log-probs with echo "
+               "(vLLM serve, agents.openai_server): set teacher.logprobs=true. " if type(teacher).__name__ == "HttpTeacher" else "")
+            + "Full distributions and hidden states need a local teacher (teacher=teacher or teacher=self)."
+        )
+    if needs & TOKEN_LEVEL and not same_tokenizer(teacher.tokenizer, student_tokenizer):
+        raise CapabilityError(
+            f"method {method!r} compares teacher and student token by token, but teacher {teacher.name!r} "
+            "does not share the student's tokenizer (no vocabulary mapping is done). Use a teacher of the "
+            "same family (the embedded student and teacher share Qwen2.5's tokenizer), teacher=self, or ovd."
+        )
+
+
+def make_teacher(cfg, student_model=None, student_tokenizer=None, student_name: str | None = None):
+    """Build the teacher a config names: ``kind`` in local | self | http | vllm | none."""
+    kind = cfg.kind
+    if kind == "none":
+        return None
+    if kind == "self":
+        from distill.teachers.local import LocalTeacher
+
+        return LocalTeacher.self_teacher(student_model, student_tokenizer, name=f"self:{student_name}", batch_size=cfg.batch_size)
+    if kind == "local":
+        from agents.models import load_model, tiny_random_model
+        from distill.teachers.local import LocalTeacher
+
+        if cfg.name.startswith("tiny"):  # "tiny" or "tiny:HIDDENxLAYERS": random, for tests (seed 1)
+            h, n = (int(x) for x in cfg.name.split(":", 1)[1].split("x")) if ":" in cfg.name else (64, 2)
+            model, tok = tiny_random_model("small", hidden_size=h, num_layers=n, seed=1)
+        else:
+            model, tok = load_model(cfg.name, dtype=cfg.dtype, device=cfg.device if cfg.device != "auto" else None)
+        model.requires_grad_(False)
+        return LocalTeacher(model, tok, name=cfg.name, batch_size=cfg.batch_size)
+    if kind == "http":
+        from distill.teachers.http import HttpTeacher
+
+        tok = None
+        if cfg.tokenizer:
+            from agents.models import load_tokenizer
+
+            tok = load_tokenizer(cfg.tokenizer)
+        return HttpTeacher(cfg.url, model=cfg.name or None, tokenizer=tok, timeout=cfg.timeout, retries=cfg.retries,
+                           concurrency=cfg.concurrency, logprobs=cfg.logprobs, api_key=cfg.api_key or None)
+    if kind == "vllm":
+        from distill.teachers.vllm import VLLMTeacher
+
+        return VLLMTeacher(cfg.name, dtype=cfg.dtype)
+    raise ValueError(f"unknown teacher kind {kind!r}; choose local, self, http, vllm or none")

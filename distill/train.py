@@ -1,0 +1,447 @@
+"""The trainer loop, top to bottom: rollout -> teacher signal -> loss -> update -> repeat.
+
+One step:
+
+1. **Rollout** ``questions_per_step x group_size`` episodes with the current student (its LoRA
+   adapters live in the same module the policy samples from, so the rollout always uses the
+   newest weights; a vLLM policy would load the saved adapter instead).
+2. **Teacher signal**: ``method.prepare`` attaches rewards / per-token signals (no gradient).
+   Trajectories whose teacher call failed come back with reward ``None`` and are dropped.
+3. **Advantages**: GRPO group normalisation of the (mixed) rewards over the kept samples of
+   each question, times the method's ``advantage_weight``.
+4. **Loss** over micro-batches with gradient accumulation: the student's logits are computed
+   only at agent tokens (``distill.forward``), every loss is a sum over agent tokens divided by
+   the agent tokens of the whole step, so accumulation equals one big batch.
+5. **Update**: clip, AdamW step, scheduler step.
+6. **Log and checkpoint**: trajectories of the step (eval JSONL format), checkpoint (atomic),
+   then the metrics line (``distill.checkpoint`` explains why in that order).
+
+Before the first and after the last step, the held-out questions are evaluated greedily.
+Sampling is seeded per step (not from global RNG state), so a resumed run repeats exactly
+what an uninterrupted one does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from agents.hf_policy import TransformersPolicy
+from agents.policy import SamplingParams
+from agents.rollout import Trajectory, rollout
+from corpora.cache import atomic_write_json, atomic_write_text
+from distill import checkpoint as ckpt
+from distill.config import TrainConfig, to_yaml
+from distill.forward import forward_at, num_layers
+from distill.losses import entropy, group_advantages, token_logprobs
+from distill.methods import MicroBatch, Signal, get_method
+from distill.teachers import check_capabilities, make_teacher, same_tokenizer
+
+
+@dataclass
+class Context:
+    """What ``method.prepare`` may use besides trajectories and the teacher."""
+
+    policy: Any
+    rollout: Callable[[Any, list[dict]], list[Trajectory]]
+    student_hidden: Callable[..., torch.Tensor]
+    state: dict = field(default_factory=dict)
+    n_student_layers: int = 0
+    n_teacher_layers: int = 0
+    seed: int = 0
+    step: int = 0
+
+
+# -- set-up --------------------------------------------------------------------------------------
+def load_student(mc, seed: int):
+    from agents.models import load_model, tiny_random_model
+
+    if mc.name == "tiny":
+        model, tok = tiny_random_model("small", hidden_size=mc.tiny_hidden, num_layers=mc.tiny_layers, seed=seed)
+    else:
+        model, tok = load_model(mc.name, dtype=mc.dtype, device=None if mc.device == "auto" else mc.device)
+    if mc.lora:
+        from peft import LoraConfig, get_peft_model
+
+        target = "all-linear" if mc.target_modules == "all-linear" else [m.strip() for m in mc.target_modules.split(",")]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = get_peft_model(model, LoraConfig(r=mc.lora_r, lora_alpha=mc.lora_alpha, lora_dropout=mc.lora_dropout,
+                                                     target_modules=target, task_type="CAUSAL_LM"))
+    else:
+        model.requires_grad_(True)
+    model.eval()  # no dropout: sampling and the loss see the same function
+    return model, tok
+
+
+def make_env_factory(ec, env_id: str):
+    import gymnasium as gym
+
+    if ec.name != "webqa":
+        raise NotImplementedError(f"env={ec.name} is reserved for a later issue (Math-v0); use env=webqa")
+    kwargs = {"retriever": ec.retriever, "top_k": ec.top_k, "max_turns": ec.max_turns, "reward": ec.reward, "protocol": ec.protocol}
+    return lambda: gym.make(env_id, **kwargs)
+
+
+def question_ids(make_env) -> list[str]:
+    return [q["id"] for q in make_env().unwrapped.questions]
+
+
+def step_questions(ids: list[str], step: int, per_step: int, seed: int) -> list[str]:
+    """Questions of a step: epochs of seeded permutations, consumed in order."""
+    out = []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(k, len(ids))
+        order = np.random.default_rng([seed, epoch]).permutation(len(ids))
+        out.append(ids[order[pos]])
+    return out
+
+
+# -- advantages and micro-batches ------------------------------------------------------------------
+@dataclass
+class Sample:
+    seq: list[int]
+    targets: list[int]  # positions of agent tokens in seq
+    advantages: list[float]
+    weights: list[float]
+    extras: dict[str, list[float]]
+    teacher_seq: list[int] | None = None
+    teacher_targets: list[int] | None = None
+
+
+def build_samples(trajs: list[Trajectory], sig: Signal, group_size: int, scale: bool) -> list[Sample]:
+    samples = []
+    for g in range(0, len(trajs), group_size):
+        idx = [i for i in range(g, min(g + group_size, len(trajs))) if sig.rewards[i] is not None]
+        if not idx:
+            continue
+        r = torch.tensor([[sig.rewards[i] for i in idx]], dtype=torch.float64)
+        adv = group_advantages(r, scale=scale)[0].tolist()
+        mean, std = float(r.mean()), float(r.std(unbiased=False))
+        for a, i in zip(adv, idx):
+            t = trajs[i]
+            p = len(t.prompt_ids)
+            targets = [p + k for k, m in enumerate(t.loss_mask) if m]
+            if not targets:
+                continue
+            if sig.token_rewards is not None:
+                den = (std + 1e-6) if scale else 1.0
+                advs = [(x - mean) / den for x in sig.token_rewards[i]]
+            else:
+                advs = [a] * len(targets)
+            advs = [x * sig.advantage_weight for x in advs]
+            weights = [float(x) for x in sig.train_masks[i]] if sig.train_masks is not None else [1.0] * len(targets)
+            extras = {k: v[i] for k, v in sig.extras.items()}
+            samples.append(Sample(list(t.prompt_ids) + list(t.completion_ids), targets, advs, weights, extras,
+                                  sig.teacher_seqs[i] if sig.teacher_seqs else None,
+                                  sig.teacher_targets[i] if sig.teacher_targets else None))
+    return samples
+
+
+def micro_batch(model, samples: list[Sample], pad_id: int, denominator: float, layers, **kw) -> MicroBatch:
+    out = forward_at(model, [s.seq for s in samples], [s.targets for s in samples], pad_id, layers=layers)
+    cat = lambda xs: torch.tensor([x for s in xs for x in s], dtype=torch.float32)  # noqa: E731
+    return MicroBatch(
+        seqs=[s.seq for s in samples], targets=[s.targets for s in samples], logits_N_V=out.logits_N_V,
+        logprobs_N=token_logprobs(out.logits_N_V, out.target_ids_N), hidden_L_N_D=out.hidden_L_N_D,
+        seq_index_N=out.seq_index_N, target_ids_N=out.target_ids_N,
+        advantages_N=cat([s.advantages for s in samples]), weight_N=cat([s.weights for s in samples]),
+        extras={k: cat([s.extras[k] for s in samples]) for k in (samples[0].extras if samples else {})},
+        denominator=denominator,
+        teacher_seqs=[s.teacher_seq for s in samples] if samples[0].teacher_seq is not None else None,
+        teacher_targets=[s.teacher_targets for s in samples] if samples[0].teacher_seq is not None else None, **kw)
+
+
+# -- evaluation ----------------------------------------------------------------------------------------
+def evaluate(policy, make_env, qids: list[str], cfg: TrainConfig) -> tuple[dict, list[dict]]:
+    from benchmarks.eval import episode_record, summarise
+
+    if not qids:
+        return {"episodes": 0}, []
+    trajs = rollout(policy, make_env, [{"question_id": q} for q in qids], 1, SamplingParams(temperature=0.0),
+                    cfg.max_tokens_per_turn, cfg.max_total_tokens, seed=cfg.seed)
+    recs = [episode_record(t, "heldout") for t in trajs]
+    return summarise(recs), recs
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _crash_point(name: str, step: int) -> None:
+    """Test hook: ``DISTILL_CRASH_AT=<step>:<point>`` SIGKILLs this process there."""
+    want = os.environ.get("DISTILL_CRASH_AT")
+    if want and want == f"{step}:{name}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- the loop -------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    method = get_method(mcfg.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    model, tok = load_student(cfg.model, cfg.seed)
+    policy = TransformersPolicy(model, tok)
+    teacher = make_teacher(cfg.teacher, model, tok, cfg.model.name)
+    check_capabilities(mcfg.name, method.needs(mcfg), teacher, tok)
+    if "act" in method.needs(mcfg) and not same_tokenizer(getattr(teacher, "tokenizer", None), tok):
+        raise ValueError(f"method {mcfg.name!r} mode=replace replays the student's tokens to the teacher: they must share a tokenizer")
+    reference = None
+    if getattr(mcfg, "kl_beta", 0) > 0:
+        from distill.teachers.local import LocalTeacher
+
+        reference = LocalTeacher.self_teacher(model, tok, name="reference")
+    n_s = num_layers(model)
+    n_t = num_layers(teacher.model) if hasattr(teacher, "model") else 0
+    layers = method.student_layers(mcfg, n_s, n_t)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+
+    make_env = make_env_factory(cfg.env, cfg.env.id)
+    make_eval_env = make_env_factory(cfg.env, cfg.env.eval_id)
+    train_ids = question_ids(make_env)
+    eval_ids = question_ids(make_eval_env)[: cfg.eval.questions]
+    overlap = set(train_ids) & set(eval_ids)
+    if overlap:
+        raise ValueError(f"held-out questions overlap the training questions ({len(overlap)}): pick another env.eval_id")
+
+    start, method_state = 0, {}
+    metrics_path = run_dir / "metrics.jsonl"
+    last = ckpt.latest_checkpoint(run_dir) if resume else None
+    if last is not None:
+        state = ckpt.load(last, model, optimizer, scheduler)
+        start, method_state = int(state["step"]), state["method_state"]
+        history = ckpt.repair_metrics(metrics_path, start, state["metrics"])
+    else:
+        if metrics_path.exists():
+            metrics_path.unlink()
+        history = []
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg, mcfg))
+
+    writer = _tensorboard(run_dir, cfg, start)
+    wandb_run = _wandb(run_dir, cfg, mcfg) if cfg.wandb else None
+    if start == 0 and cfg.eval.before and not (run_dir / "eval_before.json").exists():
+        summary, recs = evaluate(policy, make_eval_env, eval_ids, cfg)
+        _write_eval(run_dir, "before", summary, recs)
+
+    sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p)
+    bar = _progress(cfg, start)
+    for step in range(start, cfg.steps):
+        t_start = time.perf_counter()
+        step_seed = cfg.seed * 1_000_003 + step
+        bar.set_description(f"step {step + 1}/{cfg.steps} rollout")
+        qids = step_questions(train_ids, step, cfg.questions_per_step, cfg.seed)
+        roll = lambda pol, opts, g=1: rollout(  # noqa: E731
+            pol, make_env, opts, g, SamplingParams(**{**asdict(sampling), "seed": step_seed}), cfg.max_tokens_per_turn,
+            cfg.max_total_tokens, seed=step_seed, with_privileged=True)
+        trajs = roll(policy, [{"question_id": q} for q in qids], cfg.group_size)
+        _crash_point("rollout", step + 1)
+        t_roll = time.perf_counter()
+
+        bar.set_description(f"step {step + 1}/{cfg.steps} teacher")
+        ctx = Context(policy, roll, lambda seqs, targets, ls: _student_hidden(model, policy.pad_id, seqs, targets, ls),
+                      method_state, n_s, n_t, step_seed, step + 1)
+        sig = method.prepare(trajs, teacher, mcfg, ctx)
+        trajs = sig.trajectories or trajs
+        t_teacher = time.perf_counter()
+
+        bar.set_description(f"step {step + 1}/{cfg.steps} update")
+        samples = build_samples(trajs, sig, cfg.group_size, mcfg.scale_advantages)
+        denominator = sum(sum(s.weights) for s in samples)
+        loss_sum, agg, rows, ent_sum = 0.0, {}, 0, 0.0
+        optimizer.zero_grad(set_to_none=True)
+        for a in range(0, len(samples), cfg.micro_batch_size):
+            mb = micro_batch(model, samples[a : a + cfg.micro_batch_size], policy.pad_id, denominator, layers,
+                             reference=reference, state=method_state, n_layers=(n_s, n_t))
+            loss, m = method.loss(mb, teacher, mcfg)
+            loss.backward()
+            n = int(mb.logprobs_N.numel())
+            loss_sum += float(loss.detach())
+            with torch.no_grad():
+                ent_sum += float(entropy(mb.logits_N_V.detach()).sum())
+            for k, v in m.items():
+                agg[k] = agg.get(k, 0.0) + v * n
+            rows += n
+            del mb, loss
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if samples else 0.0
+        if samples:
+            optimizer.step()
+        scheduler.step()
+        t_end = time.perf_counter()
+
+        line = _metrics_line(step + 1, trajs, sig, loss_sum, agg, rows, ent_sum, grad_norm, scheduler.get_last_lr()[0],
+                             len(samples), (t_start, t_roll, t_teacher, t_end), teacher)
+        _write_trajectories(run_dir, step + 1, trajs)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            ckpt.save(run_dir, step + 1, model, optimizer, scheduler, method_state, line, cfg.keep_checkpoints)
+            _crash_point("checkpoint", step + 1)
+        ckpt.append_metrics(metrics_path, line)  # lines after the last checkpoint are dropped on resume
+        _crash_point("metrics", step + 1)
+        history.append(line)
+        _log(writer, wandb_run, line)
+        bar.update(1)
+        bar.set_postfix_str(f"reward {line['reward']:.3f} EM {line['em']:.3f} teacher {line.get('teacher_score_mean', float('nan')):.2f} loss {line['loss']:+.4f}")
+    bar.close()
+
+    result = {"run_dir": str(run_dir), "steps": cfg.steps}
+    if cfg.eval.after and not (run_dir / "eval_after.json").exists():
+        summary, recs = evaluate(policy, make_eval_env, eval_ids, cfg)
+        _write_eval(run_dir, "after", summary, recs)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(str(run_dir / "final_adapter"))
+    for which in ("before", "after"):
+        p = run_dir / f"eval_{which}.json"
+        if p.exists():
+            result[f"eval_{which}"] = json.loads(p.read_text())
+    _plot(run_dir, history)
+    atomic_write_json(run_dir / "summary.json", result)
+    if writer is not None:
+        writer.close()
+    if wandb_run is not None:
+        wandb_run.finish()
+    return result
+
+
+# -- helpers --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _student_hidden(model, pad_id, seqs, targets, layers):
+    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else _null()
+    with ctx:
+        return forward_at(model, seqs, targets, pad_id, with_logits=False, layers=layers).hidden_L_N_D
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _metrics_line(step, trajs, sig, loss_sum, agg, rows, ent_sum, grad_norm, lr, n_samples, times, teacher) -> dict:
+    n = max(len(trajs), 1)
+    t0, t1, t2, t3 = times
+    line = {
+        "step": step,
+        "reward": sum(t.reward for t in trajs) / n,
+        "em": sum(t.em for t in trajs) / n,
+        "f1": sum(t.f1 for t in trajs) / n,
+        "cover_em": sum(t.cover_em for t in trajs) / n,
+        "turns": sum(len(t.actions) for t in trajs) / n,
+        "invalid_actions": sum(t.invalid_actions for t in trajs) / n,
+        "trajectories": len(trajs),
+        "trained_samples": n_samples,
+        "agent_tokens": sum(t.num_agent_tokens for t in trajs),
+        "tokens": sum(t.num_tokens for t in trajs),
+        "loss": loss_sum,
+        "entropy": ent_sum / max(rows, 1),
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "seconds": t3 - t0,
+        "seconds_rollout": t1 - t0,
+        "seconds_teacher": t2 - t1,
+        "seconds_update": t3 - t2,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if torch.cuda.is_available():
+        line["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    line.update({k: float(v) for k, v in sig.metrics.items()})
+    line.update({k: v / max(rows, 1) for k, v in agg.items()})
+    for k, v in (getattr(teacher, "stats", None) or {}).items():
+        line[f"teacher_{k}_total"] = v
+    return line
+
+
+def _write_trajectories(run_dir: Path, step: int, trajs) -> None:
+    from benchmarks.eval import episode_record
+
+    out = run_dir / "trajectories" / f"step_{step:06d}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recs = []
+    for t in trajs:
+        r = episode_record(t, "train")
+        r.update({"step": step, "sample_index": t.sample_index, "text": t.text})
+        recs.append(r)
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+
+
+def _write_eval(run_dir: Path, which: str, summary: dict, recs: list[dict]) -> None:
+    atomic_write_text(run_dir / f"eval_{which}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    atomic_write_json(run_dir / f"eval_{which}.json", summary)
+
+
+def _tensorboard(run_dir: Path, cfg, start: int):
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("tensorboard is not installed: pip install tensorboard (continuing without it)")
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1)
+
+
+def _wandb(run_dir: Path, cfg, mcfg):
+    try:
+        import wandb
+    except ImportError:
+        print("wandb=true but wandb is not installed: pip install wandb (continuing without it)")
+        return None
+    return wandb.init(project="webqa-gym", dir=str(run_dir), config={"method": asdict(mcfg)}, resume="allow")
+
+
+def _log(writer, wandb_run, line: dict) -> None:
+    for k, v in line.items():
+        if k != "step" and isinstance(v, (int, float)):
+            if writer is not None:
+                writer.add_scalar(k, v, line["step"])
+    if writer is not None:
+        writer.flush()
+    if wandb_run is not None:
+        wandb_run.log({k: v for k, v in line.items() if k != "step"}, step=line["step"])
+
+
+def _progress(cfg, start):
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+
+
+def _plot(run_dir: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    panels = [("reward", "env reward"), ("em", "EM"), ("teacher_score_mean", "teacher score (0-9)"), ("loss", "loss")]
+    panels = [(k, t) for k, t in panels if any(k in h for h in history)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (k, title) in zip(np.atleast_1d(axes), panels):
+        ax.plot(steps, [h.get(k, float("nan")) for h in history], marker="o")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = run_dir / ".plot.png.tmp"
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, run_dir / "plot.png")
