@@ -22,6 +22,10 @@ Two ways to talk to a server:
 token; 0 is enough for the sampled token's log-prob (vLLM, OpenAI) and spares our server a
 scoring pass.
 
+``strict_openai=True`` sends only fields of OpenAI's own API (no ``top_k``,
+``return_tokens_as_token_ids``, ``include_stop_str_in_output``, ``continue_final_message``;
+at most 4 stop strings), for services that reject unknown fields.
+
 A batch is sent as concurrent requests over one pooled :class:`requests.Session`. Connection
 errors, timeouts and 5xx answers are retried with exponential backoff (``backoff * 2**i``
 seconds); a 4xx answer raises :class:`EndpointError` naming the URL, the status and the body.
@@ -68,7 +72,7 @@ def parse_model_url(spec: str) -> tuple[str, str | None]:
 class OpenAIPolicy:
     def __init__(self, base_url: str, model: str | None = None, api: str = "completions", tokenizer: Any = None,
                  timeout: float = 60.0, retries: int = 3, backoff: float = 0.5, api_key: str | None = None,
-                 max_workers: int = 16, logprobs: int = 0):
+                 max_workers: int = 16, logprobs: int = 0, strict_openai: bool = False):
         import requests
         from requests.adapters import HTTPAdapter
 
@@ -80,6 +84,7 @@ class OpenAIPolicy:
         self.base_url, self.api = base_url, api
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.logprobs_k = logprobs
+        self.strict = strict_openai
         self.session = requests.Session()
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max_workers)
         self.session.mount("http://", adapter)
@@ -163,18 +168,20 @@ class OpenAIPolicy:
     def _payload(self, sp: SamplingParams, seed: int | None) -> dict:
         body: dict[str, Any] = {"model": self.model, "max_tokens": sp.max_new_tokens, "temperature": sp.temperature,
                                 "top_p": sp.top_p, "n": 1}
-        if sp.top_k:
+        if sp.top_k and not self.strict:
             body["top_k"] = sp.top_k
         if sp.stop:
-            body["stop"] = list(sp.stop)
-            body["include_stop_str_in_output"] = True
+            body["stop"] = list(sp.stop)[:4] if self.strict else list(sp.stop)  # OpenAI takes at most 4
+            if not self.strict:
+                body["include_stop_str_in_output"] = True
         if seed is not None:
             body["seed"] = seed
         return body
 
     def _complete(self, prompt: list[int], sp: SamplingParams, seed: int | None) -> Completion:
-        body = {**self._payload(sp, seed), "prompt": prompt, "logprobs": self.logprobs_k,
-                "return_tokens_as_token_ids": True, "skip_special_tokens": False}
+        body = {**self._payload(sp, seed), "prompt": prompt, "logprobs": self.logprobs_k}
+        if not self.strict:
+            body.update(return_tokens_as_token_ids=True, skip_special_tokens=False)
         choice = self._post("/completions", body)["choices"][0]
         lp = choice.get("logprobs") or {}
         tokens, token_lps = lp.get("tokens") or [], lp.get("token_logprobs") or []
@@ -193,7 +200,7 @@ class OpenAIPolicy:
     def _chat(self, prompt: list[int], sp: SamplingParams, seed: int | None) -> Completion:
         messages, cont = self._messages(prompt)
         body = {**self._payload(sp, seed), "messages": messages, "logprobs": True}
-        if cont:  # vLLM and our server continue the assistant message instead of opening a new one
+        if cont and not self.strict:  # vLLM and our server continue the assistant message, not open a new one
             body.update(continue_final_message=True, add_generation_prompt=False)
         choice = self._post("/chat/completions", body)["choices"][0]
         text = (choice.get("message") or {}).get("content") or ""

@@ -133,6 +133,17 @@ def test_chat_api_retokenises_and_marks_it(server, local):
     pol.close()
 
 
+def test_strict_openai_chat_puts_back_the_stop_the_server_strips(server, local):
+    pol = OpenAIPolicy(server.url, api="chat", retries=0, strict_openai=True)
+    p = pol.prompt_ids("Where is the Eiffel tower?")
+    stop = local.generate([p], GREEDY)[0].text[5:7]
+    sp = SamplingParams(temperature=0, max_new_tokens=16, stop=(stop,))
+    got, ref = pol.generate([p], sp)[0], local.generate([p], sp)[0]
+    assert got.finish_reason == ref.finish_reason == "stop"
+    assert got.text == ref.text and got.token_ids == ref.token_ids and got.extra["retokenized"]
+    pol.close()
+
+
 # --- errors and retries ----------------------------------------------------------------------------
 
 
