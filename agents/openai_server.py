@@ -228,7 +228,7 @@ class OpenAIApp:
     def __init__(self, worker: ModelWorker, model_name: str, tokenizer_name: str):
         self.worker, self.tok = worker, worker.tokenizer
         self.model_name, self.tokenizer_name = model_name, tokenizer_name
-        self.vocab = len(self.tok)
+        self.vocab = max(len(self.tok), int(getattr(worker.model.config, "vocab_size", 0) or 0))  # padded rows count
         self.created = int(time.time())
 
     # -- shared field parsing ---------------------------------------------------------------------
