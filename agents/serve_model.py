@@ -48,7 +48,10 @@ def gguf_path(model: str) -> Path | None:
 def llamacpp_command(gguf: Path, alias: str, host: str, port: int, threads: int, n_ctx: int,
                      extra: Sequence[str] = ()) -> list[str]:
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
-           "--host", host, "--port", str(port), "--n_ctx", str(n_ctx)]
+           "--host", host, "--port", str(port), "--n_ctx", str(n_ctx),
+           # by default a new request interrupts the running one; a batch of concurrent requests
+           # (OpenAIPolicy) must queue instead
+           "--interrupt_requests", "False"]
     if threads:
         cmd += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
     return cmd + list(extra)
