@@ -12,8 +12,15 @@ positions receive no gradient.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16/fp16 logits are upcast; float64 stays float64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def masked_mean(values_B_T: torch.Tensor, mask_B_T: torch.Tensor, denominator: float | None = None) -> torch.Tensor:
@@ -42,7 +49,7 @@ def group_advantages(rewards_P_G: torch.Tensor, eps: float = 1e-6, scale: bool =
 
 def token_logprobs(logits_N_V: torch.Tensor, ids_N: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[id] per position, in float32."""
-    return torch.log_softmax(logits_N_V.float(), dim=-1).gather(-1, ids_N.unsqueeze(-1)).squeeze(-1)
+    return torch.log_softmax(_up(logits_N_V), dim=-1).gather(-1, ids_N.unsqueeze(-1)).squeeze(-1)
 
 
 def policy_gradient_loss(
@@ -78,21 +85,21 @@ def kl_k3(logp_B_T: torch.Tensor, logq_B_T: torch.Tensor) -> torch.Tensor:
 
 def entropy(logits_N_V: torch.Tensor) -> torch.Tensor:
     """Entropy in nats of softmax(logits) per position."""
-    logp = torch.log_softmax(logits_N_V.float(), dim=-1)
+    logp = torch.log_softmax(_up(logits_N_V), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 
 def forward_kl(student_logits_N_V: torch.Tensor, teacher_logits_N_V: torch.Tensor) -> torch.Tensor:
     """KL(q || p) per position over the full vocabulary (teacher q, student p)."""
-    logp = torch.log_softmax(student_logits_N_V.float(), -1)
-    logq = torch.log_softmax(teacher_logits_N_V.float(), -1)
+    logp = torch.log_softmax(_up(student_logits_N_V), -1)
+    logq = torch.log_softmax(_up(teacher_logits_N_V), -1)
     return (logq.exp() * (logq - logp)).sum(-1)
 
 
 def reverse_kl(student_logits_N_V: torch.Tensor, teacher_logits_N_V: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per position over the full vocabulary."""
-    logp = torch.log_softmax(student_logits_N_V.float(), -1)
-    logq = torch.log_softmax(teacher_logits_N_V.float(), -1)
+    logp = torch.log_softmax(_up(student_logits_N_V), -1)
+    logq = torch.log_softmax(_up(teacher_logits_N_V), -1)
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
@@ -107,20 +114,23 @@ def generalized_jsd(student_logits_N_V: torch.Tensor, teacher_logits_N_V: torch.
         return forward_kl(student_logits_N_V, teacher_logits_N_V)
     if beta == 1.0:
         return reverse_kl(student_logits_N_V, teacher_logits_N_V)
-    logp = torch.log_softmax(student_logits_N_V.float(), -1)
-    logq = torch.log_softmax(teacher_logits_N_V.float(), -1)
-    logm = torch.logsumexp(torch.stack([logp + torch.log(torch.tensor(beta)), logq + torch.log(torch.tensor(1.0 - beta))]), dim=0)
+    logp = torch.log_softmax(_up(student_logits_N_V), -1)
+    logq = torch.log_softmax(_up(teacher_logits_N_V), -1)
+    logm = torch.logsumexp(torch.stack([logp + math.log(beta), logq + math.log(1.0 - beta)]), dim=0)
     kl_pm = (logp.exp() * (logp - logm)).sum(-1)
     kl_qm = (logq.exp() * (logq - logm)).sum(-1)
     return beta * kl_pm + (1.0 - beta) * kl_qm
 
 
 def topk_reverse_kl(student_logprobs_N_K: torch.Tensor, teacher_logprobs_N_K: torch.Tensor) -> torch.Tensor:
-    """Reverse KL restricted to K tokens (the student's top-k): ``sum_k p_k (log p_k - log q_k)``.
-
-    Both inputs are full-vocabulary log-probs gathered at the same K token ids.
+    """Reverse KL over K tokens (the student's top-k), both sides renormalised on those tokens:
+    ``sum_k p~_k (log p~_k - log q~_k)``. Renormalising keeps the identity "zero signal, zero
+    gradient when teacher equals student" (the unnormalised sum would still push mass into the
+    top-k); with K = V it is the full reverse KL.
     """
-    return (student_logprobs_N_K.exp() * (student_logprobs_N_K - teacher_logprobs_N_K)).sum(-1)
+    lp = student_logprobs_N_K - torch.logsumexp(student_logprobs_N_K, dim=-1, keepdim=True)
+    lq = teacher_logprobs_N_K - torch.logsumexp(teacher_logprobs_N_K, dim=-1, keepdim=True)
+    return (lp.exp() * (lp - lq)).sum(-1)
 
 
 def topk_forward_kl(teacher_topk_logprobs_N_K: torch.Tensor, student_logprobs_N_K: torch.Tensor) -> torch.Tensor:
@@ -133,7 +143,7 @@ def topk_forward_kl(teacher_topk_logprobs_N_K: torch.Tensor, student_logprobs_N_
 def hidden_mse(student_hidden_L_N_D: torch.Tensor, teacher_hidden_L_N_D: torch.Tensor, normalize: bool = False) -> torch.Tensor:
     """Mean over layers, tokens and dims of ``(h_S - sg(h_T))^2`` (oprd). ``normalize`` compares
     L2-normalised vectors (the bridge mode)."""
-    hs, ht = student_hidden_L_N_D.float(), teacher_hidden_L_N_D.detach().float()
+    hs, ht = _up(student_hidden_L_N_D), _up(teacher_hidden_L_N_D.detach())
     if normalize:
         hs, ht = F.normalize(hs, dim=-1), F.normalize(ht, dim=-1)
     if hs.numel() == 0:
