@@ -206,7 +206,7 @@ def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
 
         reference = LocalTeacher.self_teacher(model, tok, name="reference")
     n_s = num_layers(model)
-    n_t = num_layers(teacher.model) if hasattr(teacher, "model") else 0
+    n_t = num_layers(teacher.model) if hasattr(getattr(teacher, "model", None), "config") else 0
     layers = method.student_layers(mcfg, n_s, n_t)
 
     params = [p for p in model.parameters() if p.requires_grad]
