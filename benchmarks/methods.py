@@ -1,0 +1,185 @@
+"""Method benchmark: training-side cost of each method, and a short learning comparison.
+
+    python -m benchmarks.methods                              # cost table, model=small presets
+    python -m benchmarks.methods --model student --steps 1    # the embedded student/teacher pair
+    python -m benchmarks.methods --learn --learn-steps 4      # + ovd vs grpo vs opd, held-out EM
+
+**Cost.** Each method runs ``python -m distill.run`` in its own process with the same student,
+questions, batch and seed (``--steps`` steps, no evaluation), so each process's peak RSS is
+that method's training-side memory, model loading included. ``ovd-remote`` runs ovd with the
+teacher behind an OpenAI-compatible server in another process (``agents.openai_server``): the
+server's memory is not the trainer's. Reported per method: peak RSS (MB) and its ratio to
+grpo, seconds per step and the ratio, teacher seconds per step (the ``prepare`` phase; for
+opd-family methods whose teacher runs inside the loss, it is part of the update time), and
+the teacher used. On a GPU, ``peak_gpu_mb`` (torch's max allocated) is reported too.
+
+**Learning.** ovd, grpo and opd at equal steps on the HotpotQA train sample, greedy EM/F1 on
+held-out questions (the HotpotQA dev subset) before and after.
+
+Writes JSON (``--out``) and prints Markdown tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# method label -> (distill.run overrides, teacher description) per student preset
+PRESETS = {
+    "small": {
+        "grpo": (["method=grpo"], "none"),
+        "ovd": (["method=ovd", "teacher=teacher"], "local Qwen2.5-Coder-1.5B (verbal)"),
+        "ovd-remote": (["method=ovd", "teacher=http"], "HTTP Qwen2.5-Coder-1.5B (verbal)"),
+        "opd": (["method=opd", "teacher=small"], "local SmolLM2-135M (same tokenizer)"),
+        "eopd": (["method=eopd", "teacher=small"], "local SmolLM2-135M"),
+        "opsd": (["method=opsd"], "self (adapters off)"),
+        "oprd": (["method=oprd", "teacher=small"], "local SmolLM2-135M (same arch)"),
+    },
+    "student": {
+        "grpo": (["method=grpo"], "none"),
+        "ovd": (["method=ovd", "teacher=teacher"], "local Qwen2.5-Coder-1.5B (verbal)"),
+        "ovd-remote": (["method=ovd", "teacher=http"], "HTTP Qwen2.5-Coder-1.5B (verbal)"),
+        "opd": (["method=opd", "teacher=teacher"], "local Qwen2.5-Coder-1.5B"),
+        "eopd": (["method=eopd", "teacher=teacher"], "local Qwen2.5-Coder-1.5B"),
+        "opsd": (["method=opsd"], "self (adapters off)"),
+        "oprd": (["method=oprd", "teacher=teacher"], "local Qwen2.5-Coder-1.5B (bridge)"),
+    },
+}
+
+
+def run_method(label: str, overrides: list[str], common: list[str], out: Path, teacher_url: str | None) -> dict:
+    run_dir = out / label
+    args = [sys.executable, "-m", "distill.run", *overrides, *common, f"output_dir={run_dir}", "overwrite=true"]
+    if teacher_url and "teacher=http" in overrides:
+        args.append(f"teacher.url={teacher_url}")
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        return {"method": label, "error": (p.stdout + p.stderr)[-1500:], "wall_s": wall}
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    n = len(lines)
+    res = {
+        "method": label,
+        "steps": n,
+        "peak_rss_mb": max(x["peak_rss_mb"] for x in lines),
+        "s_per_step": sum(x["seconds"] for x in lines) / n,
+        "teacher_s_per_step": sum(x["seconds_teacher"] for x in lines) / n,
+        "update_s_per_step": sum(x["seconds_update"] for x in lines) / n,
+        "rollout_s_per_step": sum(x["seconds_rollout"] for x in lines) / n,
+        "agent_tokens_per_step": sum(x["agent_tokens"] for x in lines) / n,
+        "dropped": sum(x.get("dropped", 0) for x in lines),
+        "wall_s": wall,
+    }
+    if "peak_gpu_mb" in lines[-1]:
+        res["peak_gpu_mb"] = max(x["peak_gpu_mb"] for x in lines)
+    for k in ("eval_before", "eval_after"):
+        p2 = run_dir / f"{k}.json"
+        if p2.exists():
+            res[k] = json.loads(p2.read_text())
+    return res
+
+
+def cost_table(rows: list[dict]) -> str:
+    base = next((r for r in rows if r["method"] == "grpo" and "error" not in r), None)
+    out = ["| method | teacher | peak RSS MB | x grpo | s/step | x grpo | teacher s/step | update s/step |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['method']} | {r.get('teacher', '')} | failed: {r['error'].splitlines()[-1][:80] if r['error'] else ''} |||||| ")
+            continue
+        rm = r["peak_rss_mb"] / base["peak_rss_mb"] if base else float("nan")
+        rs = r["s_per_step"] / base["s_per_step"] if base else float("nan")
+        out.append(f"| {r['method']} | {r['teacher']} | {r['peak_rss_mb']:.0f} | {rm:.2f} | {r['s_per_step']:.1f} | {rs:.2f} | "
+                   f"{r['teacher_s_per_step']:.1f} | {r['update_s_per_step']:.1f} |")
+    return "\n".join(out)
+
+
+def learn_table(rows: list[dict]) -> str:
+    out = ["| method | steps | held-out EM before | after | F1 before | after | train reward (mean over steps) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['method']} | failed |||||")
+            continue
+        b, a = r.get("eval_before", {}), r.get("eval_after", {})
+        out.append(f"| {r['method']} | {r['steps']} | {b.get('em', float('nan')):.3f} | {a.get('em', float('nan')):.3f} | "
+                   f"{b.get('f1', float('nan')):.3f} | {a.get('f1', float('nan')):.3f} | {r.get('train_reward', float('nan')):.3f} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="small", choices=sorted(PRESETS))
+    ap.add_argument("--methods", default=",".join(PRESETS["small"]))
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--questions", type=int, default=2, help="questions per step")
+    ap.add_argument("--group", type=int, default=2)
+    ap.add_argument("--tokens-per-turn", type=int, default=96)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--learn", action="store_true", help="also run the learning comparison")
+    ap.add_argument("--learn-only", action="store_true")
+    ap.add_argument("--learn-steps", type=int, default=4)
+    ap.add_argument("--learn-eval", type=int, default=10, help="held-out questions")
+    ap.add_argument("--out", default="results/methods")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = [f"model={a.model}", f"steps={a.steps}", f"questions_per_step={a.questions}", f"group_size={a.group}",
+              f"max_tokens_per_turn={a.tokens_per_turn}", f"threads={a.threads}", "progress=false", "eval.before=false",
+              "eval.after=false", "tensorboard=false"]
+    report: dict = {"model": a.model, "settings": common}
+    labels = [m for m in a.methods.split(",") if m]
+    server = None
+    if not a.learn_only:
+        unknown = [m for m in labels if m not in PRESETS[a.model]]
+        if unknown:
+            raise SystemExit(f"unknown methods {unknown}; choose from {sorted(PRESETS[a.model])}")
+        if "ovd-remote" in labels:
+            from agents.openai_server import ModelServerProcess
+
+            server = ModelServerProcess("teacher", extra_args=["--threads", str(a.threads)], startup_timeout=600).start()
+        rows = []
+        from tqdm import tqdm
+
+        for label in tqdm(labels, desc="methods", unit="method"):
+            overrides, teacher = PRESETS[a.model][label]
+            r = run_method(label, overrides, common, out / "cost", server.url if server else None)
+            r["teacher"] = teacher
+            rows.append(r)
+            tqdm.write(f"{label}: " + (f"peak {r['peak_rss_mb']:.0f} MB, {r['s_per_step']:.1f} s/step" if "error" not in r else "FAILED"))
+        if server is not None:
+            server.stop()
+        report["cost"] = rows
+        print(f"\n## Training-side cost, model={a.model} ({a.steps} steps of {a.questions}x{a.group} episodes)\n")
+        print(cost_table(rows))
+    if a.learn or a.learn_only:
+        lc = [f"model={a.model}", f"steps={a.learn_steps}", f"questions_per_step={a.questions}", f"group_size={a.group}",
+              f"max_tokens_per_turn={a.tokens_per_turn}", f"threads={a.threads}", "progress=false",
+              f"eval.questions={a.learn_eval}", "tensorboard=false"]
+        rows = []
+        for label in ("grpo", "ovd", "opd"):
+            overrides, teacher = PRESETS[a.model][label]
+            r = run_method(label, overrides, lc, out / "learn", None)
+            if "error" not in r:
+                lines = [json.loads(x) for x in (out / "learn" / label / "metrics.jsonl").read_text().splitlines()]
+                r["train_reward"] = sum(x["reward"] for x in lines) / len(lines)
+            r["teacher"] = teacher
+            rows.append(r)
+        report["learn"] = {"settings": lc, "rows": rows}
+        print(f"\n## Learning comparison, model={a.model}, {a.learn_steps} steps, {a.learn_eval} held-out questions\n")
+        print(learn_table(rows))
+    tmp = out / "methods.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, out / "methods.json")
+    print(f"\nwrote {out / 'methods.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
