@@ -1,0 +1,68 @@
+"""A teacher inside vLLM on this GPU: verbal scores by generation, token log-probs from vLLM's
+``prompt_logprobs`` (the log-prob of every prompt token given its prefix, one prefill pass).
+
+Capabilities: ``score``, ``logprobs``, ``topk_logprobs``, ``act``. No full distributions or
+hidden states (vLLM does not return them): methods needing those take a local teacher.
+Untested here without a GPU; ``tests/distill/test_vllm_teacher.py`` runs where vLLM and CUDA are.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from distill.teachers.local import SCORE_PREFIX
+
+
+class VLLMTeacher:
+    capabilities = frozenset({"score", "logprobs", "topk_logprobs", "act"})
+
+    def __init__(self, model: str, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.35, **kw):
+        from agents.vllm_policy import VLLMPolicy
+
+        self._policy = VLLMPolicy(model, dtype="bfloat16" if dtype == "float32" else dtype,
+                                  gpu_memory_utilization=gpu_memory_utilization, enable_lora=False, **kw)
+        self.tokenizer, self.name = self._policy.tokenizer, f"vllm:{model}"
+        self.stats = {"requests": 0, "errors": 0}
+
+    def _prompt_logprobs(self, seqs, k: int):
+        from vllm import SamplingParams as VSP
+        from vllm.inputs import TokensPrompt
+
+        sp = VSP(max_tokens=1, temperature=0.0, prompt_logprobs=k)
+        outs = self._policy.llm.generate([TokensPrompt(prompt_token_ids=list(map(int, s))) for s in seqs], sp, use_tqdm=False)
+        self.stats["requests"] += len(seqs)
+        return [o.prompt_logprobs for o in outs]
+
+    def logprobs(self, seqs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]):
+        res = []
+        for seq, ts, plp in zip(seqs, targets, self._prompt_logprobs(seqs, 0)):
+            res.append([float(plp[t][int(seq[t])].logprob) for t in ts])
+        return res
+
+    def topk_logprobs(self, seqs, targets, k: int):
+        import torch
+
+        res = []
+        for seq, ts, plp in zip(seqs, targets, self._prompt_logprobs(seqs, k)):
+            ids, vals = [], []
+            for t in ts:
+                top = sorted(((tid, lp.logprob) for tid, lp in plp[t].items() if lp.rank is not None and lp.rank <= k),
+                             key=lambda x: -x[1])[:k]
+                ids.append([i for i, _ in top])
+                vals.append([v for _, v in top])
+            res.append((torch.tensor(ids), torch.tensor(vals)))
+        return res
+
+    def score(self, messages, sample: bool = False, seed: int = 0):
+        from agents.policy import SamplingParams
+
+        prefix = self.tokenizer.encode(SCORE_PREFIX, add_special_tokens=False)
+        prompts = []
+        for msgs in messages:
+            ids = self.tokenizer.apply_chat_template(list(msgs), add_generation_prompt=True, tokenize=True)
+            prompts.append([int(x) for x in (ids["input_ids"] if hasattr(ids, "keys") else ids)] + prefix)
+        sp = SamplingParams(temperature=0.8 if sample else 0.0, max_new_tokens=4, stop=("\n",), seed=seed)
+        self.stats["requests"] += len(prompts)
+        return [SCORE_PREFIX + c.text for c in self._policy.generate(prompts, sp)]
+
+    def policy(self):
+        return self._policy
