@@ -68,8 +68,7 @@ def test_replace_mode_trains_only_student_tokens(tmp_path):
     from agents.rollout import rollout
     from distill.methods.ovd import OVDConfig, prepare
     from distill.teachers.local import LocalTeacher
-    from distill.train import Context, make_env_factory
-    from distill.config import EnvConfig
+    from distill.train import Context
     import gymnasium as gym
 
     model, tok = tiny_random_model("small", seed=0)
