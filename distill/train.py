@@ -162,13 +162,17 @@ def micro_batch(model, samples: list[Sample], pad_id: int, denominator: float, l
 
 
 # -- evaluation ----------------------------------------------------------------------------------------
-def evaluate(policy, make_env, qids: list[str], cfg: TrainConfig) -> tuple[dict, list[dict]]:
+def evaluate(policy, make_env, qids: list[str], cfg: TrainConfig, label: str = "eval") -> tuple[dict, list[dict]]:
+    from tqdm import tqdm
+
     from benchmarks.eval import episode_record, summarise
 
     if not qids:
         return {"episodes": 0}, []
-    trajs = rollout(policy, make_env, [{"question_id": q} for q in qids], 1, SamplingParams(temperature=0.0),
-                    cfg.max_tokens_per_turn, cfg.max_total_tokens, seed=cfg.seed)
+    with tqdm(total=len(qids), desc=f"held-out {label}", unit="q", disable=not cfg.progress, dynamic_ncols=True) as bar:
+        trajs = rollout(policy, make_env, [{"question_id": q} for q in qids], 1, SamplingParams(temperature=0.0),
+                        cfg.max_tokens_per_turn, cfg.max_total_tokens, seed=cfg.seed,
+                        progress=lambda done, total: bar.update(done - bar.n))
     recs = [episode_record(t, "heldout") for t in trajs]
     return summarise(recs), recs
 
@@ -237,7 +241,7 @@ def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
     writer = _tensorboard(run_dir, cfg, start)
     wandb_run = _wandb(run_dir, cfg, mcfg) if cfg.wandb else None
     if start == 0 and cfg.eval.before and not (run_dir / "eval_before.json").exists():
-        summary, recs = evaluate(policy, make_eval_env, eval_ids, cfg)
+        summary, recs = evaluate(policy, make_eval_env, eval_ids, cfg, "before")
         _write_eval(run_dir, "before", summary, recs)
 
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p)
@@ -301,7 +305,7 @@ def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
 
     result = {"run_dir": str(run_dir), "steps": cfg.steps}
     if cfg.eval.after and not (run_dir / "eval_after.json").exists():
-        summary, recs = evaluate(policy, make_eval_env, eval_ids, cfg)
+        summary, recs = evaluate(policy, make_eval_env, eval_ids, cfg, "after")
         _write_eval(run_dir, "after", summary, recs)
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(str(run_dir / "final_adapter"))
