@@ -18,7 +18,7 @@ import pytest
 import requests
 import torch
 
-import envs  # noqa: F401
+import envs
 from agents.hf_policy import TransformersPolicy
 from agents.http_policy import EndpointError, OpenAIPolicy, parse_model_url
 from agents.models import tiny_random_model
@@ -110,6 +110,7 @@ def test_echo_logprobs_equal_a_forward_pass(server, local):
 
 
 def test_rollout_through_http_equals_in_process(client, local):
+    assert "WebQA-v0" in envs.REGISTRY
     kw = dict(reset_options=[{"index": 0}, {"index": 2}], sampling=SamplingParams(temperature=0),
               max_tokens_per_turn=12, max_total_tokens=400)
     ref = rollout(local, lambda: gym.make("WebQA-v0"), **kw)
@@ -307,7 +308,7 @@ def test_real_small_model_rollout_through_the_server_equals_in_process():
     torch.set_num_threads(1)
     local = TransformersPolicy(model, tok)
     kw = dict(reset_options=[{"index": 0}, {"index": 1}], sampling=SamplingParams(temperature=0),
-              max_tokens_per_turn=48, max_total_tokens=1500)
+              max_tokens_per_turn=32, max_total_tokens=700)
     ref = rollout(local, lambda: gym.make("WebQA-v0"), **kw)
     with ModelServerProcess("small", ["--threads", "1"]) as srv:
         pol = OpenAIPolicy(srv.url)  # tokenizer named by the server ("small")
