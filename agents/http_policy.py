@@ -11,7 +11,10 @@ Two ways to talk to a server:
   are exactly what the server sampled (vLLM's OpenAI server and ``agents.openai_server`` both
   honour this; a ``token_ids`` field on the choice, as newer vLLM gives, is used too). A server
   that answers with plain token strings is handled by re-tokenising the text, and the
-  completion is marked ``extra["retokenized"] = True``.
+  completion is marked ``extra["retokenized"] = True``; so is every completion from a server
+  that refuses token-id prompts (a 422 naming ``prompt``, as llama-cpp-python's server gives, or a
+  400 saying ``prompt`` must be a string),
+  to which the decoded prompt text is sent from then on.
 * ``api="chat"`` (for endpoints that only speak chat): the user message the prompt was built
   from (recorded by :meth:`prompt_ids`) plus the text generated since, as an assistant
   message, are sent as ``messages``; the reply is re-tokenised (marked). The stop string a chat
@@ -85,6 +88,7 @@ class OpenAIPolicy:
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.logprobs_k = logprobs
         self.strict = strict_openai
+        self.text_prompts = False  # set when the server refuses token-id prompts
         self.session = requests.Session()
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max_workers)
         self.session.mount("http://", adapter)
@@ -182,12 +186,24 @@ class OpenAIPolicy:
         body = {**self._payload(sp, seed), "prompt": prompt, "logprobs": self.logprobs_k}
         if not self.strict:
             body.update(return_tokens_as_token_ids=True, skip_special_tokens=False)
-        choice = self._post("/completions", body)["choices"][0]
+        retok = self.text_prompts
+        if self.text_prompts:
+            body["prompt"] = self.decode(prompt)
+        try:
+            choice = self._post("/completions", body)["choices"][0]
+        except EndpointError as exc:
+            refused = "prompt" in exc.body and (exc.status == 422 or exc.status == 400 and "string" in exc.body)
+            if retok or not refused:
+                raise
+            # a server that takes only text prompts (llama-cpp-python: 422 on a list of ids): send
+            # the decoded prompt from now on; the server re-tokenises it, so mark the result
+            self.text_prompts = retok = True
+            body["prompt"] = self.decode(prompt)
+            choice = self._post("/completions", body)["choices"][0]
         lp = choice.get("logprobs") or {}
         tokens, token_lps = lp.get("tokens") or [], lp.get("token_logprobs") or []
         ids = choice.get("token_ids")
         parsed = [_TOKEN_ID.match(t) for t in tokens] if isinstance(tokens, list) else []
-        retok = False
         if ids is None and tokens and all(parsed):
             ids = [int(m.group(1)) for m in parsed]
         if ids is None:  # plain token strings (or nothing): the text is all we can trust

@@ -180,8 +180,10 @@ class Proxy:
     """A stdlib HTTP proxy to the real server that can fail the first N requests with 500,
     start listening late, or rewrite request bodies."""
 
-    def __init__(self, target: str, fail_first: int = 0, rewrite=None, port: int | None = None):
+    def __init__(self, target: str, fail_first: int = 0, rewrite=None, port: int | None = None,
+                 text_prompts_only: bool = False):
         self.target, self.fail_left, self.rewrite = target, fail_first, rewrite
+        self.text_prompts_only = text_prompts_only
         self.port = port or free_port()
         self.seen = 0
         proxy = self
@@ -196,6 +198,9 @@ class Proxy:
                 if proxy.fail_left > 0:
                     proxy.fail_left -= 1
                     return self._answer(500, b'{"error": {"message": "injected failure"}}')
+                if body and proxy.text_prompts_only and not isinstance(json.loads(body).get("prompt", ""), str):
+                    # what llama-cpp-python's server answers to a list of token ids
+                    return self._answer(422, b'{"detail": [{"type": "string_type", "loc": ["body", "prompt"]}]}')
                 if body and proxy.rewrite:
                     body = json.dumps(proxy.rewrite(json.loads(body))).encode()
                 req = urllib.request.Request(proxy.target + self.path, data=body, method=method,
@@ -284,6 +289,20 @@ def test_plain_token_strings_fall_back_to_retokenising(server, local):
         got, ref = pol.generate([p], GREEDY)[0], local.generate([p], GREEDY)[0]
         assert got.extra["retokenized"] is True
         assert got.token_ids == ref.token_ids and got.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+        pol.close()
+    finally:
+        proxy.stop()
+
+
+def test_a_server_that_takes_only_text_prompts_gets_text(server, local):
+    proxy = Proxy(server.base, text_prompts_only=True).start()
+    try:
+        pol = OpenAIPolicy(proxy.url, model="tiny-random", tokenizer="bytes", retries=0)
+        p = local.prompt_ids("text only")
+        for _ in range(2):  # the first call learns it (one refused request), the second sends text at once
+            got, ref = pol.generate([p], GREEDY)[0], local.generate([p], GREEDY)[0]
+            assert got.extra["retokenized"] is True and got.token_ids == ref.token_ids
+        assert pol.text_prompts and proxy.seen == 3
         pol.close()
     finally:
         proxy.stop()
