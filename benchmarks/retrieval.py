@@ -23,6 +23,9 @@ Per backend: build wall time and peak RSS, disk size, load time, first-query tim
 p50/p95 latency (``--single`` queries one at a time), batched queries/s (one ``search`` call for
 ``--queries`` queries), query-phase peak RSS. rank-bm25 answers ``--ref-queries`` queries.
 
+``--reuse-builds JSON`` re-measures the query side on indexes an earlier run built (its build
+figures are copied from that run's JSON and marked ``build_reused_from``).
+
 Synthetic corpus: Zipfian vocabulary (100k words, exponent 1.07 over ranks 51+, the head
 standing for stop words, so the commonest term is in ~28% of passages, as in real text),
 60-140 words per passage; streamed to the cache in 10k-passage blocks, each from its own seed,
@@ -186,12 +189,20 @@ def _disk_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
 
+REUSE: dict[tuple[str, str], dict] = {}  # (corpus, backend) -> build figures of an earlier run (--reuse-builds)
+
+
 def bench_backend(name: str, backend: str, corpus: str, queries: list[str], n_single: int, batch: bool, workdir: Path,
                   pages: str | None = None, total: int | None = None, progress: bool = False) -> dict:
     out_dir = workdir / f"{name}-{backend}"
-    print(f"[{name}] building {backend} index ...", flush=True)
-    b = _in_child(_build_worker, corpus, str(out_dir), backend, pages, total, progress)
-    print(f"[{name}] {backend}: built in {b['build_s']:.1f} s, peak RSS {b['build_peak_rss_mb']:.0f} MB; querying ...", flush=True)
+    if (name, backend) in REUSE and (out_dir / "meta.json").exists():
+        b = dict(REUSE[(name, backend)])
+        print(f"[{name}] {backend}: reusing the index built by an earlier run ({b['build_s']:.1f} s, peak RSS "
+              f"{b['build_peak_rss_mb']:.0f} MB); querying ...", flush=True)
+    else:
+        print(f"[{name}] building {backend} index ...", flush=True)
+        b = _in_child(_build_worker, corpus, str(out_dir), backend, pages, total, progress)
+        print(f"[{name}] {backend}: built in {b['build_s']:.1f} s, peak RSS {b['build_peak_rss_mb']:.0f} MB; querying ...", flush=True)
     qr = _in_child(_query_worker, str(out_dir), backend, queries, n_single, batch)
     qr.update(b)
     qr["disk_mb"] = _disk_mb(out_dir)
@@ -294,11 +305,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ref-queries", type=int, default=0, help="queries for rank-bm25 (default: 100 bundled, 20 synthetic)")
     ap.add_argument("--project", type=int, default=21_000_000, help="passages to project ours to")
     ap.add_argument("--no-bundled", action="store_true")
+    ap.add_argument("--reuse-builds", default=None, metavar="JSON",
+                    help="skip builds whose index folder exists; take their build figures from this earlier --out")
     ap.add_argument("--out", default="results/retrieval.json")
     args = ap.parse_args(argv)
     from corpora.corpus import BUNDLED_PAGES, BUNDLED_PASSAGES, data_path
     from corpora.qa import load_qa
 
+    if args.reuse_builds:
+        for res in json.loads(Path(args.reuse_builds).read_text())["results"]:
+            for backend, r in res["backends"].items():
+                REUSE[(res["corpus"], backend)] = {"build_s": r["build_s"], "build_peak_rss_mb": r["build_peak_rss_mb"],
+                                                   "build_reused_from": args.reuse_builds}
     load_before = os.getloadavg()
     t_start = time.perf_counter()
     workdir = cache_root() / "bench-indexes"

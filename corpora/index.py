@@ -107,7 +107,11 @@ class _Bm25sBackend:
         # bm25s's Robertson term-frequency part omits the constant (k1 + 1) factor of BM25Okapi;
         # multiply it back so both backends report the same scores (the ranking is unchanged).
         self.scale = float(model.k1) + 1.0
-        self.scratch = kernels.Scratch(self.num_docs)
+        sc = model.scores
+        # tiles need passage-sorted posting lists (format 2 has them by construction); one
+        # tile of the whole index otherwise
+        tile = kernels.TILE if kernels.postings_sorted(sc["indptr"], sc["indices"]) else self.num_docs
+        self.scratch = kernels.Scratch(self.num_docs, tile)
 
     @classmethod
     def load(cls, folder: Path, meta: dict, mmap: bool = True) -> "_Bm25sBackend":

@@ -143,3 +143,19 @@ def test_titles_json_lists_positions_in_corpus_order(tmp_path, corpus):
         want.setdefault(p.title, []).append(i)
     got = json.loads((out / "titles.json").read_text(encoding="utf-8"))
     assert got == want and list(got) == list(want) and len(want[corpus[0].title]) > 1
+
+
+@pytest.mark.parametrize("tile", [1, 7, 256, 100_000])
+def test_tiled_kernel_gives_the_same_hits(built, tile):
+    from corpora import kernels
+
+    whole, sharded = built
+    ref = BM25Index(whole, "rank_bm25")
+    fast = BM25Index(sharded, "bm25s")
+    fast.backend.scratch = kernels.Scratch(len(fast), tile)
+    questions = [q["question"] for q in load_qa("hotpotqa", limit=40)] + ["Ed Wood Ed Wood", "the of and"]
+    batch = fast.search(questions, k=10)  # parallel path
+    assert [fast.search([q], k=10)[0] for q in questions[:6]] == batch[:6]  # serial path
+    for qa, qb in zip(batch, ref.search(questions, k=10)):
+        assert [h.doc_id for h in qa] == [h.doc_id for h in qb]
+        assert [h.score for h in qa] == pytest.approx([h.score for h in qb], rel=1e-6)
