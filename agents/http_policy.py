@@ -12,8 +12,8 @@ Two ways to talk to a server:
   honour this; a ``token_ids`` field on the choice, as newer vLLM gives, is used too). A server
   that answers with plain token strings is handled by re-tokenising the text, and the
   completion is marked ``extra["retokenized"] = True``; so is every completion from a server
-  that refuses token-id prompts (a 422 naming ``prompt``, as llama-cpp-python's server gives, or a
-  400 saying ``prompt`` must be a string),
+  that refuses token-id prompts (a 422 naming ``prompt``, or a 400/500 saying ``prompt`` must be
+  a string: llama-cpp-python 0.3 answers a validation error with 500),
   to which the decoded prompt text is sent from then on.
 * ``api="chat"`` (for endpoints that only speak chat): the user message the prompt was built
   from (recorded by :meth:`prompt_ids`) plus the text generated since, as an assistant
@@ -126,10 +126,10 @@ class OpenAIPolicy:
             except (requests.ConnectionError, requests.Timeout) as exc:
                 last = f"{type(exc).__name__}: {exc}"
                 continue
-            if r.status_code >= 500:
+            if r.status_code >= 500 and "validation error" not in r.text:
                 last = f"HTTP {r.status_code}: {r.text[:500]}"
                 continue
-            if r.status_code >= 400:
+            if r.status_code >= 400:  # (llama-cpp-python answers a request validation error with 500)
                 raise EndpointError(f"{method} {url} returned HTTP {r.status_code}: {r.text[:2000]}", r.status_code, r.text)
             try:
                 return r.json()
@@ -192,7 +192,7 @@ class OpenAIPolicy:
         try:
             choice = self._post("/completions", body)["choices"][0]
         except EndpointError as exc:
-            refused = "prompt" in exc.body and (exc.status == 422 or exc.status == 400 and "string" in exc.body)
+            refused = "prompt" in exc.body and (exc.status == 422 or exc.status in (400, 500) and "string" in exc.body)
             if retok or not refused:
                 raise
             # a server that takes only text prompts (llama-cpp-python: 422 on a list of ids): send
