@@ -11,9 +11,12 @@ Backends:
   shipped, no float32 conversion, fast on CPU. Its ``/v1/completions`` speaks OpenAI's format
   but not ``return_tokens_as_token_ids``, so :class:`agents.http_policy.OpenAIPolicy` falls
   back to re-tokenising (marked ``extra["retokenized"]``). The model alias is the embedded
-  name, so a client finds the tokenizer by it.
+  name, so a client finds the tokenizer by it. Not for teacher log-probs: with
+  llama-cpp-python 0.3.36 (checked here) a prompt must be text (a list of token ids is refused),
+  ``max_tokens: 0`` means "no limit" rather than "score only", and the echoed prompt log-probs
+  are shifted by one position (token i is scored by the distribution that predicts token i+1).
 * ``transformers`` - :mod:`agents.openai_server` over the converted float32 folder: exact
-  token ids, echo log-probs, the reference for a teacher's log-probs.
+  token ids and echo log-probs; the backend to use for a teacher's log-probs.
 
 ``auto`` (default) takes llama.cpp when ``llama_cpp`` imports and the model has a GGUF (an
 embedded name or a ``.gguf`` path), else transformers, and prints which.
