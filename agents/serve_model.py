@@ -91,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"no GGUF for {args.model!r}: give an embedded name or a .gguf file")
         alias = Path(args.model).stem if args.model.endswith(".gguf") else args.model
         cmd = llamacpp_command(gguf, alias, args.host, args.port, args.threads, args.n_ctx, extra)
-        print(f"serve_model: backend llama.cpp (llama_cpp.server) for {args.model}: {' '.join(cmd)}", flush=True)
+        print(f"serve_model: backend llama.cpp (llama_cpp.server) for {args.model} (text prompts, re-tokenised "
+              f"ids; for exact ids and echo log-probs use --backend transformers): {' '.join(cmd)}", flush=True)
         if args.dry_run:
             return 0
         os.execv(cmd[0], cmd)  # the server takes over this process (signals go straight to it)
