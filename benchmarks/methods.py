@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--questions", type=int, default=2, help="questions per step")
     ap.add_argument("--group", type=int, default=2)
     ap.add_argument("--tokens-per-turn", type=int, default=96)
+    ap.add_argument("--max-turns", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--learn", action="store_true", help="also run the learning comparison")
     ap.add_argument("--learn-only", action="store_true")
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     common = [f"model={a.model}", f"steps={a.steps}", f"questions_per_step={a.questions}", f"group_size={a.group}",
-              f"max_tokens_per_turn={a.tokens_per_turn}", f"threads={a.threads}", "progress=false", "eval.before=false",
+              f"max_tokens_per_turn={a.tokens_per_turn}", f"env.max_turns={a.max_turns}", f"threads={a.threads}", "progress=false", "eval.before=false",
               "eval.after=false", "tensorboard=false"]
     report: dict = {"model": a.model, "settings": common}
     labels = [m for m in a.methods.split(",") if m]
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
         print(cost_table(rows))
     if a.learn or a.learn_only:
         lc = [f"model={a.model}", f"steps={a.learn_steps}", f"questions_per_step={a.questions}", f"group_size={a.group}",
-              f"max_tokens_per_turn={a.tokens_per_turn}", f"threads={a.threads}", "progress=false",
+              f"max_tokens_per_turn={a.tokens_per_turn}", f"env.max_turns={a.max_turns}", f"threads={a.threads}", "progress=false",
               f"eval.questions={a.learn_eval}", "tensorboard=false"]
         rows = []
         for label in ("grpo", "ovd", "opd"):
