@@ -1,0 +1,316 @@
+"""What the multi-turn machinery costs: rollout tokens/s against plain batched generation.
+
+    python -m benchmarks.rollout_speed                       # model=small batch_size=8
+    python -m benchmarks.rollout_speed model=student out=results/rollout_speed_student.json
+
+Same model, same B first prompts (the chat-templated WebQA prompts of the first B questions of
+``dataset``), greedy, float32, ``threads`` torch threads:
+
+(a) ``generate``  - plain ``model.generate`` (transformers), left-padded, ``T`` new tokens for
+    every row (``min_new_tokens = max_new_tokens = T``, no stop strings, so EOS cannot end a row
+    early): B*T tokens of work, the best case of batched decoding.
+(b) ``rollout``   - ``agents.rollout.rollout`` with a :class:`TransformersPolicy`, greedy, the
+    env's default turns and the eval's default budgets. Counted: agent tokens only (loss-mask
+    1); timed: the whole call (policy, env steps, retrieval, tokenising observations, bookkeeping).
+(c) ``policy``    - ``TransformersPolicy.generate`` once on the same prompts with the same ``T``,
+    forced to ``T`` tokens (no stop strings, EOS ignored): our decode loop against (a).
+
+The comparison. A rollout's turns stop at action ends, so its rows generate different numbers
+of tokens, and its work also includes things plain generation does not have (prefilling the
+history and the observations each turn, rows that already stopped riding along in the lockstep
+batch, retrieval). To compare like with like we give (a) and (c) the same *useful* work the
+rollout did: ``T = round(agent tokens of the rollout / B)`` by default, so all three produce
+about the same number of tokens from the same B prompts, and the ratio
+
+    rollout / generate = (agent tokens / rollout seconds) / (B*T / generate seconds)
+
+is the fraction of plain-generation throughput the multi-turn loop keeps (target >= 0.8).
+``T`` can be fixed with ``new_tokens=N``. Everything that differs is the machinery's cost, and
+the script says where it goes: every model forward is timed (a forward pre/post hook), split
+into prefill (input length > 1: tokens fed, padded slots) and decode steps (batch slots vs
+tokens that were kept), plus the time in observation tokenising and in the rest (env steps,
+retrieval, Python). Per decode step times at the rollout's longer contexts vs the first-turn
+context say how much is plain attention length.
+
+A warm-up (one short ``model.generate``) runs first; each measurement runs once (``repeats``
+to repeat and keep the best). The load average is recorded: the box may be shared.
+Writes ``out`` (JSON) and prints a table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass
+class SpeedConfig:
+    model: str = "small"
+    batch_size: int = 8
+    dataset: str = "hotpotqa"
+    new_tokens: int = 0  # T for (a) and (c); 0 = agent tokens of the rollout / B
+    max_tokens_per_turn: int = 500
+    max_total_tokens: int = 4096
+    top_k: int = 3
+    max_turns: int = 4
+    retriever: str = "bundled"
+    dtype: str = "float32"
+    threads: int = 1  # torch threads; 0 = torch's default
+    repeats: int = 1
+    reuse_cache: bool = True  # TransformersPolicy keeps the KV cache between turns (false: re-prefill)
+    out: str = ""  # default results/rollout_speed.json (small) or results/rollout_speed_<model>.json
+
+
+class ForwardTimer:
+    """Times every top-level forward of a model, split into prefill and decode calls."""
+
+    def __init__(self, model):
+        import torch  # noqa: F401
+
+        self.model = model
+        self.reset()
+        self._t = 0.0
+        self._h = [
+            model.register_forward_pre_hook(self._pre, with_kwargs=True),
+            model.register_forward_hook(self._post, with_kwargs=True),
+        ]
+
+    def reset(self):
+        self.prefill_s = self.decode_s = 0.0
+        self.prefill_calls = self.decode_steps = 0
+        self.prefill_slots = self.prefill_tokens = self.decode_slots = 0
+        self.decode_ctx = []  # (kv length, seconds) per decode step
+
+    def _pre(self, module, args, kwargs):
+        self._t = time.perf_counter()
+
+    def _post(self, module, args, kwargs, output):
+        dt = time.perf_counter() - self._t
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        attn = kwargs.get("attention_mask")
+        b, n = ids.shape
+        if n > 1:
+            self.prefill_s += dt
+            self.prefill_calls += 1
+            self.prefill_slots += b * n
+            self.prefill_tokens += int(attn.sum()) if attn is not None else b * n
+        else:
+            self.decode_s += dt
+            self.decode_steps += 1
+            self.decode_slots += b
+            self.decode_ctx.append((int(attn.shape[1]) if attn is not None else -1, dt))
+
+    def stats(self) -> dict:
+        ctx = self.decode_ctx
+        return {
+            "prefill_seconds": round(self.prefill_s, 3),
+            "prefill_calls": self.prefill_calls,
+            "prefill_tokens": self.prefill_tokens,
+            "prefill_padded_slots": self.prefill_slots,
+            "decode_seconds": round(self.decode_s, 3),
+            "decode_steps": self.decode_steps,
+            "decode_slots": self.decode_slots,
+            "ms_per_decode_step": round(1000 * self.decode_s / max(self.decode_steps, 1), 2),
+            "mean_decode_context": round(sum(c for c, _ in ctx) / max(len(ctx), 1), 1),
+        }
+
+    def close(self):
+        for h in self._h:
+            h.remove()
+
+
+class TimedPolicy:
+    """A policy proxy that times ``generate`` and ``encode`` (observation tokenising)."""
+
+    def __init__(self, policy):
+        self.p = policy
+        self.generate_s = self.encode_s = 0.0
+        self.generate_calls = 0
+        self.completions = []
+
+    def __getattr__(self, name):
+        return getattr(self.p, name)
+
+    def generate(self, prompts, sampling, contexts=None):
+        t = time.perf_counter()
+        out = self.p.generate(prompts, sampling, contexts)
+        self.generate_s += time.perf_counter() - t
+        self.generate_calls += 1
+        self.completions.append([len(c.token_ids) for c in out])
+        return out
+
+    def encode(self, text):
+        t = time.perf_counter()
+        out = self.p.encode(text)
+        self.encode_s += time.perf_counter() - t
+        return out
+
+
+@contextmanager
+def no_eos(policy):
+    saved = policy.eos_ids
+    policy.eos_ids = set()
+    try:
+        yield
+    finally:
+        policy.eos_ids = saved
+
+
+def left_pad(prompts, pad_id):
+    import torch
+
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), L), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p)
+        attn[i, L - len(p):] = 1
+    return ids, attn
+
+
+def hf_generate(model, prompts, pad_id, T):
+    import torch
+
+    ids, attn = left_pad(prompts, pad_id)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=T, min_new_tokens=T,
+                             pad_token_id=pad_id, num_beams=1, temperature=None, top_p=None, top_k=None)
+    return out[:, ids.shape[1]:]
+
+
+def best_of(repeats, fn):
+    best = None
+    for _ in range(max(1, repeats)):
+        r = fn()
+        if best is None or r["seconds"] < best["seconds"]:
+            best = r
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.eval import dataset_env_ids, parse_config
+
+    cfg = parse_config(sys.argv[1:] if argv is None else argv, SpeedConfig)
+    import gymnasium as gym
+    import torch
+
+    import envs  # noqa: F401
+    from agents.hf_policy import TransformersPolicy
+    from agents.models import load_model
+    from agents.policy import SamplingParams
+    from agents.rollout import rollout
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_path = Path(cfg.out or ("results/rollout_speed.json" if cfg.model == "small" else f"results/rollout_speed_{Path(cfg.model).name}.json"))
+    (name, env_id), = dataset_env_ids(cfg.dataset)
+    env_kwargs = dict(top_k=cfg.top_k, max_turns=cfg.max_turns, retriever=cfg.retriever)
+    make_env = lambda: gym.make(env_id, **env_kwargs)  # noqa: E731
+    probe = make_env().unwrapped
+    qids = [q["id"] for q in probe.questions[: cfg.batch_size]]
+    B = len(qids)
+
+    model, tok = load_model(cfg.model, dtype=cfg.dtype)
+    policy = TransformersPolicy(model, tok, **({} if cfg.reuse_cache else {"reuse_cache": False}))
+    prompts = [policy.prompt_ids(make_env().reset(options={"question_id": q})[0]) for q in qids]
+    load0 = os.getloadavg()
+
+    timer = ForwardTimer(model)
+    hf_generate(model, prompts, policy.pad_id, 4)  # warm-up
+
+    # (b) the rollout, natural (stops at action ends), greedy
+    def run_rollout():
+        timer.reset()
+        tp = TimedPolicy(policy)
+        t = time.perf_counter()
+        trajs = rollout(tp, make_env, [{"question_id": q} for q in qids], sampling=SamplingParams(temperature=0.0),
+                        max_tokens_per_turn=cfg.max_tokens_per_turn, max_total_tokens=cfg.max_total_tokens)
+        secs = time.perf_counter() - t
+        agent = sum(tr.num_agent_tokens for tr in trajs)
+        obs_tokens = sum(len(tr.loss_mask) - tr.num_agent_tokens for tr in trajs)
+        return {
+            "seconds": round(secs, 3),
+            "tokens": agent,
+            "tokens_per_s": round(agent / secs, 2),
+            "turns": [len(tr.actions) for tr in trajs],
+            "turn_tokens": tp.completions,  # per generate call, per live row
+            "observation_tokens": obs_tokens,
+            "final_context_tokens": [tr.num_tokens for tr in trajs],
+            "policy_generate_seconds": round(tp.generate_s, 3),
+            "encode_seconds": round(tp.encode_s, 3),
+            "env_and_other_seconds": round(secs - tp.generate_s - tp.encode_s, 3),
+            "em": sum(tr.em for tr in trajs) / B,
+            **timer.stats(),
+        }
+
+    r_b = best_of(cfg.repeats, run_rollout)
+    T = cfg.new_tokens or max(1, round(r_b["tokens"] / B))
+
+    # (a) plain model.generate, forced to T tokens per row
+    def run_generate():
+        timer.reset()
+        t = time.perf_counter()
+        gen = hf_generate(model, prompts, policy.pad_id, T)
+        secs = time.perf_counter() - t
+        assert gen.shape == (B, T), gen.shape
+        return {"seconds": round(secs, 3), "tokens": B * T, "tokens_per_s": round(B * T / secs, 2), **timer.stats()}
+
+    # (c) TransformersPolicy.generate alone, one turn, forced to T tokens per row
+    def run_policy():
+        timer.reset()
+        sp = SamplingParams(temperature=0.0, max_new_tokens=T, stop=())
+        with no_eos(policy):
+            t = time.perf_counter()
+            outs = policy.generate(prompts, sp)
+            secs = time.perf_counter() - t
+        n = sum(len(c.token_ids) for c in outs)
+        assert n == B * T, n
+        return {"seconds": round(secs, 3), "tokens": n, "tokens_per_s": round(n / secs, 2), **timer.stats()}
+
+    r_a = best_of(cfg.repeats, run_generate)
+    r_c = best_of(cfg.repeats, run_policy)
+    timer.close()
+
+    ratio = r_b["tokens_per_s"] / r_a["tokens_per_s"]
+    report = {
+        "config": asdict(SpeedConfig(**{k: getattr(cfg, k) for k in SpeedConfig.__dataclass_fields__})),
+        "batch": B,
+        "T": T,
+        "prompt_tokens": [len(p) for p in prompts],
+        "generate": r_a,
+        "rollout": r_b,
+        "policy_generate": r_c,
+        "ratio_rollout_over_generate": round(ratio, 3),
+        "ratio_policy_over_generate": round(r_c["tokens_per_s"] / r_a["tokens_per_s"], 3),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_before": [round(x, 2) for x in load0],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=1) + "\n")
+
+    rows = [("(a) model.generate", r_a), ("(b) rollout", r_b), ("(c) policy.generate", r_c)]
+    print(f"\nmodel={cfg.model} B={B} T={T} threads={torch.get_num_threads()} prompts {min(report['prompt_tokens'])}-{max(report['prompt_tokens'])} tokens, "
+          f"load avg {report['loadavg_before'][0]} -> {report['loadavg_after'][0]}")
+    print(f"{'':22} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'prefill s':>9} {'decode s':>9} {'steps':>6} {'ms/step':>8} {'ctx':>7}")
+    for label, r in rows:
+        print(f"{label:22} {r['tokens']:>7} {r['seconds']:>8.2f} {r['tokens_per_s']:>8.2f} {r['prefill_seconds']:>9.2f} "
+              f"{r['decode_seconds']:>9.2f} {r['decode_steps']:>6} {r['ms_per_decode_step']:>8.1f} {r['mean_decode_context']:>7.0f}")
+    print(f"rollout: turns {r_b['turns']}, {r_b['decode_slots']} decode slots for {r_b['tokens']} agent tokens, "
+          f"prefill {r_b['prefill_tokens']} tokens ({r_b['prefill_padded_slots']} padded slots) in {r_b['prefill_calls']} calls, "
+          f"{r_b['observation_tokens']} observation tokens; encode {r_b['encode_seconds']} s, env+other {r_b['env_and_other_seconds']} s")
+    print(f"ratio rollout/generate = {ratio:.3f}   policy/generate = {report['ratio_policy_over_generate']:.3f}")
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
