@@ -33,11 +33,14 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=16, stop=())
 @pytest.fixture(scope="module")
 def server_and_local():
     srv = ModelServerProcess("tiny-random", ["--threads", "1"]).start(wait=False)  # starts while we build ours
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: more threads only add overhead (and the server runs on one)
     try:
         model, tok = tiny_random_model("bytes", seed=0)
         assert srv.wait_ready(), srv.log_text()
         yield srv, TransformersPolicy(model, tok)
     finally:
+        torch.set_num_threads(threads)
         srv.stop()
 
 
