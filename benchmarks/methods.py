@@ -35,7 +35,7 @@ PRESETS = {
     "small": {
         "grpo": (["method=grpo"], "none"),
         "ovd": (["method=ovd", "teacher=teacher"], "local Qwen2.5-Coder-1.5B (verbal)"),
-        "ovd-remote": (["method=ovd", "teacher=http"], "HTTP Qwen2.5-Coder-1.5B (verbal)"),
+        "ovd-remote": (["method=ovd", "teacher=http", "teacher.timeout=1800"], "HTTP Qwen2.5-Coder-1.5B (verbal)"),
         "opd": (["method=opd", "teacher=small"], "local SmolLM2-135M (same tokenizer)"),
         "eopd": (["method=eopd", "teacher=small"], "local SmolLM2-135M"),
         "opsd": (["method=opsd"], "self (adapters off)"),
@@ -44,7 +44,7 @@ PRESETS = {
     "student": {
         "grpo": (["method=grpo"], "none"),
         "ovd": (["method=ovd", "teacher=teacher"], "local Qwen2.5-Coder-1.5B (verbal)"),
-        "ovd-remote": (["method=ovd", "teacher=http"], "HTTP Qwen2.5-Coder-1.5B (verbal)"),
+        "ovd-remote": (["method=ovd", "teacher=http", "teacher.timeout=1800"], "HTTP Qwen2.5-Coder-1.5B (verbal)"),
         "opd": (["method=opd", "teacher=teacher"], "local Qwen2.5-Coder-1.5B"),
         "eopd": (["method=eopd", "teacher=teacher"], "local Qwen2.5-Coder-1.5B"),
         "opsd": (["method=opsd"], "self (adapters off)"),
