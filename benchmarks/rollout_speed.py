@@ -98,7 +98,7 @@ class ForwardTimer:
             self.prefill_s += dt
             self.prefill_calls += 1
             self.prefill_slots += b * n
-            self.prefill_tokens += int(attn.sum()) if attn is not None else b * n
+            self.prefill_tokens += int(attn[:, -n:].sum()) if attn is not None else b * n  # new tokens only
         else:
             self.decode_s += dt
             self.decode_steps += 1
@@ -196,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.eval import dataset_env_ids, parse_config
 
     cfg = parse_config(sys.argv[1:] if argv is None else argv, SpeedConfig)
+    if cfg.threads:
+        # the retrieval kernel runs on numba's OpenMP layer, which shares the OpenMP runtime with
+        # torch: with numba's default (all cores) the first search would reset torch to all cores
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(cfg.threads))
     import gymnasium as gym
     import torch
 
