@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from agents.policy import Completion, SamplingParams, first_stop
+from agents.policy import Completion, SamplingParams, chat_ids, first_stop
 
 
 @dataclass
@@ -76,13 +76,7 @@ class TransformersPolicy:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def prompt_ids(self, user_text: str, tools: list[dict] | None = None) -> list[int]:
-        msgs = [{"role": "user", "content": user_text}]
-        if getattr(self.tokenizer, "chat_template", None):
-            out = self.tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=True)
-            if isinstance(out, dict) or hasattr(out, "keys"):
-                out = out["input_ids"]
-            return [int(x) for x in out]
-        return self.encode(user_text)
+        return chat_ids(self.tokenizer, [{"role": "user", "content": user_text}], tools)
 
     # -- sampling -------------------------------------------------------------------------------
     @staticmethod

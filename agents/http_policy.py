@@ -46,7 +46,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from agents.policy import Completion, SamplingParams, first_stop
+from agents.policy import Completion, SamplingParams, first_stop, chat_ids
 
 _TOKEN_ID = re.compile(r"^token_id:(-?\d+)$")
 
@@ -152,12 +152,7 @@ class OpenAIPolicy:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def prompt_ids(self, user_text: str, tools: list[dict] | None = None) -> list[int]:
-        msgs = [{"role": "user", "content": user_text}]
-        if getattr(self.tokenizer, "chat_template", None):
-            out = self.tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=True)
-            ids = [int(x) for x in (out["input_ids"] if hasattr(out, "keys") else out)]
-        else:
-            ids = self.encode(user_text)
+        ids = chat_ids(self.tokenizer, [{"role": "user", "content": user_text}], tools)
         with self._lock:
             self._user_texts[tuple(ids)] = user_text
         return ids

@@ -62,6 +62,15 @@ class Policy(Protocol):
         ...
 
 
+def chat_ids(tokenizer, messages: Sequence[dict], tools: list[dict] | None = None) -> list[int]:
+    """``messages`` through the tokenizer's chat template with the generation prompt opened; plain
+    encoding of the concatenated contents when the tokenizer has no template."""
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(list(messages), tools=tools, add_generation_prompt=True, tokenize=True)
+        return [int(x) for x in (out["input_ids"] if hasattr(out, "keys") else out)]
+    return list(tokenizer.encode("\n".join(m["content"] for m in messages), add_special_tokens=False))
+
+
 def first_stop(text: str, stops: Sequence[str]) -> int:
     """End offset of the earliest stop string in ``text``, or -1."""
     best = -1

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from agents.http_policy import cut_completion
-from agents.policy import Completion, SamplingParams
+from agents.policy import Completion, SamplingParams, chat_ids
 
 
 def _import_vllm():
@@ -84,11 +84,7 @@ class VLLMPolicy:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def prompt_ids(self, user_text: str, tools: list[dict] | None = None) -> list[int]:
-        msgs = [{"role": "user", "content": user_text}]
-        if getattr(self.tokenizer, "chat_template", None):
-            out = self.tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=True)
-            return [int(x) for x in (out["input_ids"] if hasattr(out, "keys") else out)]
-        return self.encode(user_text)
+        return chat_ids(self.tokenizer, [{"role": "user", "content": user_text}], tools)
 
     # -- generation ----------------------------------------------------------------------------------------
     def sampling_params(self, sp: SamplingParams, seed: int | None = None):

@@ -114,6 +114,20 @@ def score_all(teacher, messages: list[list[dict]], retries: int, seed: int = 0) 
     return scores, {"teacher_requests": len(messages), "teacher_failed": failed, "teacher_unparseable": unparseable}
 
 
+def score_turns(trajectories, teacher, cfg: OVDConfig, seed: int) -> tuple[list[list[int | None]], list[int | None], dict]:
+    """Scores of every turn prefix: (per trajectory per turn, flat, request metrics)."""
+    index, msgs = [], []
+    for i, t in enumerate(trajectories):
+        for k in range(len(t.actions)):
+            index.append((i, k))
+            msgs.append(render(t, k + 1, cfg.show_gold, cfg.obs_chars))
+    flat, m = score_all(teacher, msgs, cfg.score_retries, seed=seed)
+    per: list[list[int | None]] = [[None] * len(t.actions) for t in trajectories]
+    for (i, k), s in zip(index, flat):
+        per[i][k] = s
+    return per, flat, m
+
+
 def _stats(xs: list[float]) -> dict:
     if not xs:
         return {"teacher_score_mean": float("nan")}
@@ -133,15 +147,7 @@ def prepare(trajectories, teacher, cfg: OVDConfig, ctx) -> Signal:
         kept = [s for s in scores if s is not None]
         return Signal(rewards=rewards, metrics={**m, **_stats(kept), "dropped": sum(s is None for s in scores)})
     # per-turn scores
-    index, msgs = [], []
-    for i, t in enumerate(trajectories):
-        for k in range(len(t.actions)):
-            index.append((i, k))
-            msgs.append(render(t, k + 1, cfg.show_gold, cfg.obs_chars))
-    flat, m = score_all(teacher, msgs, cfg.score_retries, seed=ctx.seed)
-    per: list[list[int | None]] = [[None] * len(t.actions) for t in trajectories]
-    for (i, k), s in zip(index, flat):
-        per[i][k] = s
+    per, flat, m = score_turns(trajectories, teacher, cfg, ctx.seed)
     rewards, token_rewards = [], []
     for t, ss in zip(trajectories, per):
         if not ss or any(s is None for s in ss):
@@ -191,15 +197,7 @@ class PrefixPolicy:
 
 def _prepare_replace(trajectories, teacher, cfg: OVDConfig, ctx) -> Signal:
     w = cfg.env_weight
-    index, msgs = [], []
-    for i, t in enumerate(trajectories):
-        for k in range(len(t.actions)):
-            index.append((i, k))
-            msgs.append(render(t, k + 1, cfg.show_gold, cfg.obs_chars))
-    flat, m = score_all(teacher, msgs, cfg.score_retries, seed=ctx.seed)
-    per: list[list[int | None]] = [[None] * len(t.actions) for t in trajectories]
-    for (i, k), s in zip(index, flat):
-        per[i][k] = s
+    per, flat, m = score_turns(trajectories, teacher, cfg, ctx.seed)
     out_trajs = list(trajectories)
     rewards: list[float | None] = [None] * len(trajectories)
     masks = [[1] * t.num_agent_tokens for t in trajectories]

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from agents.hf_policy import TransformersPolicy
-from agents.policy import SamplingParams
+from agents.policy import SamplingParams, chat_ids
 from distill.forward import forward_at
 
 SCORE_PREFIX = "Score:"
@@ -50,10 +50,7 @@ class LocalTeacher:
         prefix = self.tokenizer.encode(SCORE_PREFIX, add_special_tokens=False)
         prompts = []
         for msgs in messages:
-            ids = self.tokenizer.apply_chat_template(list(msgs), add_generation_prompt=True, tokenize=True)
-            if hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            prompts.append([int(x) for x in ids] + prefix)
+            prompts.append(chat_ids(self.tokenizer, msgs) + prefix)
         replies: list[str | None] = []
         with self._ctx():
             for i in range(0, len(prompts), self.batch_size):

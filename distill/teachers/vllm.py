@@ -53,13 +53,12 @@ class VLLMTeacher:
         return res
 
     def score(self, messages, sample: bool = False, seed: int = 0):
-        from agents.policy import SamplingParams
+        from agents.policy import SamplingParams, chat_ids
 
         prefix = self.tokenizer.encode(SCORE_PREFIX, add_special_tokens=False)
         prompts = []
         for msgs in messages:
-            ids = self.tokenizer.apply_chat_template(list(msgs), add_generation_prompt=True, tokenize=True)
-            prompts.append([int(x) for x in (ids["input_ids"] if hasattr(ids, "keys") else ids)] + prefix)
+            prompts.append(chat_ids(self.tokenizer, msgs) + prefix)
         sp = SamplingParams(temperature=0.8 if sample else 0.0, max_new_tokens=4, stop=("\n",), seed=seed)
         self.stats["requests"] += len(prompts)
         return [SCORE_PREFIX + c.text for c in self._policy.generate(prompts, sp)]
