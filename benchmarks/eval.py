@@ -199,6 +199,10 @@ def markdown_table(summary: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    if cfg.threads:
+        # numba's OpenMP layer (the retrieval kernel) shares the runtime with torch: left at all
+        # cores, the first search would reset torch's thread count
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(cfg.threads))
     import gymnasium as gym
     from tqdm.auto import tqdm
 

@@ -6,7 +6,10 @@
 
 **Cost.** Each method runs ``python -m distill.run`` in its own process with the same student,
 questions, batch and seed (``--steps`` steps, no evaluation), so each process's peak RSS is
-that method's training-side memory, model loading included. ``ovd-remote`` runs ovd with the
+that method's training-side memory, model loading included. Peak RSS counts the pages of the
+memory-mapped weight files (clean page cache, shared between processes, droppable), so the
+table also gives the peak *anonymous* memory during the steps (``peak_anon_mb``: activations,
+gradients, optimizer state, copied weights), which is what grows with the method. ``ovd-remote`` runs ovd with the
 teacher behind an OpenAI-compatible server in another process (``agents.openai_server``): the
 server's memory is not the trainer's. Reported per method: peak RSS (MB) and its ratio to
 grpo, seconds per step and the ratio, teacher seconds per step (the ``prepare`` phase; for
@@ -70,6 +73,7 @@ def run_method(label: str, overrides: list[str], common: list[str], out: Path, t
         "method": label,
         "steps": n,
         "peak_rss_mb": max(x["peak_rss_mb"] for x in lines),
+        "peak_anon_mb": max(x.get("peak_anon_mb", 0.0) for x in lines),
         "s_per_step": sum(x["seconds"] for x in lines) / n,
         "teacher_s_per_step": sum(x["seconds_teacher"] for x in lines) / n,
         "update_s_per_step": sum(x["seconds_update"] for x in lines) / n,
@@ -89,14 +93,17 @@ def run_method(label: str, overrides: list[str], common: list[str], out: Path, t
 
 def cost_table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["method"] == "grpo" and "error" not in r), None)
-    out = ["| method | teacher | peak RSS MB | x grpo | s/step | x grpo | teacher s/step | update s/step |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| method | teacher | peak RSS MB | x grpo | peak anon MB (steps) | x grpo | s/step | x grpo | teacher s/step | update s/step |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['method']} | {r.get('teacher', '')} | failed: {r['error'].splitlines()[-1][:80] if r['error'] else ''} |||||| ")
+            out.append(f"| {r['method']} | {r.get('teacher', '')} | failed: {r['error'].splitlines()[-1][:80] if r['error'] else ''} |||||||| ")
             continue
         rm = r["peak_rss_mb"] / base["peak_rss_mb"] if base else float("nan")
+        ra = r["peak_anon_mb"] / base["peak_anon_mb"] if base and base.get("peak_anon_mb") else float("nan")
         rs = r["s_per_step"] / base["s_per_step"] if base else float("nan")
-        out.append(f"| {r['method']} | {r['teacher']} | {r['peak_rss_mb']:.0f} | {rm:.2f} | {r['s_per_step']:.1f} | {rs:.2f} | "
+        out.append(f"| {r['method']} | {r['teacher']} | {r['peak_rss_mb']:.0f} | {rm:.2f} | {r.get('peak_anon_mb', 0):.0f} | {ra:.2f} | "
+                   f"{r['s_per_step']:.1f} | {rs:.2f} | "
                    f"{r['teacher_s_per_step']:.1f} | {r['update_s_per_step']:.1f} |")
     return "\n".join(out)
 
@@ -164,9 +171,14 @@ def main(argv=None) -> int:
               f"max_tokens_per_turn={a.tokens_per_turn}", f"env.max_turns={a.max_turns}", f"threads={a.threads}", "progress=false",
               f"eval.questions={a.learn_eval}", "tensorboard=false"]
         rows = []
-        for label in ("grpo", "ovd", "opd"):
+        for k, label in enumerate(("grpo", "ovd", "opd")):
             overrides, teacher = PRESETS[a.model][label]
-            r = run_method(label, overrides, lc, out / "learn", None)
+            # the before-evaluation is greedy with the same initial model and questions for every
+            # method: run it once (with the first method) and share it
+            before = [] if k == 0 or "error" in rows[0] else ["eval.before=false"]
+            r = run_method(label, overrides, lc + before, out / "learn", None)
+            if before and "error" not in r:
+                r["eval_before"] = rows[0]["eval_before"]
             if "error" not in r:
                 lines = [json.loads(x) for x in (out / "learn" / label / "metrics.jsonl").read_text().splitlines()]
                 r["train_reward"] = sum(x["reward"] for x in lines) / len(lines)

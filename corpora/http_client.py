@@ -210,6 +210,11 @@ class HttpRetriever:
         Tries the replicas in round-robin order like ``search``; raises ``RetrievalError`` when
         none answers.
         """
+        got = self.page_or_suggestions(title)
+        return got if isinstance(got, tuple) else None
+
+    def page_or_suggestions(self, title: str) -> tuple[str, str] | list[str]:
+        """Like ``page``, but an unknown title gives the server's suggested titles (a list)."""
         errors: dict[str, str] = {}
         for url in self._order():
             base = url[: -len("/retrieve")]
@@ -220,7 +225,7 @@ class HttpRetriever:
                 self._mark_down(url, errors[url])
                 continue
             if r.status_code == 404 and "suggestions" in r.text:
-                return None
+                return [str(t) for t in r.json().get("suggestions") or []]
             if r.status_code in RETRYABLE_STATUS:
                 errors[url] = f"HTTP {r.status_code}: {_message(r)}"
                 self._mark_down(url, errors[url])

@@ -103,6 +103,7 @@ class TrainConfig:
 
 # teacher=auto (the default) picks per method; any other teacher=... wins.
 AUTO_TEACHER = {"grpo": "none", "opsd": "self"}
+SAME_TOKENIZER_METHODS = ("opd", "eopd", "oprd")
 
 
 class ConfigError(ValueError):
@@ -169,6 +170,11 @@ def _typed(raw) -> tuple[TrainConfig, Any]:
         cfg.teacher.kind = AUTO_TEACHER.get(name, "local")
         if cfg.teacher.kind != "local":
             cfg.teacher.name = cfg.teacher.kind
+        elif cfg.model.name == "small" and name in SAME_TOKENIZER_METHODS:
+            # the embedded teacher's tokenizer (Qwen) is not SmolLM2's: a model=small run of a
+            # token-level method gets the only same-tokenizer teacher there is, SmolLM2 itself
+            # (signal 0 until the adapter moves the student away from it; a demo of the mechanics)
+            cfg.teacher.name = "small"
     return cfg, mcfg
 
 

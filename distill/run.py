@@ -16,6 +16,7 @@ continues the run in DIR with its saved config (``key=value`` overrides still ap
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         import shutil
 
         shutil.rmtree(run_dir)
+    if cfg.threads > 0:  # before numba loads: its OpenMP layer would reset torch's thread count
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(cfg.threads))
     from distill.train import train
 
     print(f"run directory: {run_dir}  (method {mcfg.name}, model {cfg.model.name}, teacher {cfg.teacher.kind}:{cfg.teacher.name})", flush=True)

@@ -178,7 +178,47 @@ def evaluate(policy, make_env, qids: list[str], cfg: TrainConfig, label: str = "
 
 
 def peak_rss_mb() -> float:
+    """Peak resident set since the process started. It counts the file-backed pages of the
+    memory-mapped safetensors weights too (clean page cache the kernel can drop), so it
+    overstates what a run needs; ``AnonPeak`` measures the process's own memory."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class AnonPeak:
+    """Peak anonymous resident memory (``RssAnon`` of /proc/self/status: heap, activations,
+    copied weights; not the mapped weight files), sampled every ``interval`` seconds by a daemon
+    thread. ``take()`` returns the peak since the last ``take()`` in MB (0 off Linux)."""
+
+    def __init__(self, interval: float = 0.1):
+        import threading
+
+        self.peak = 0.0
+        self._lock = threading.Lock()
+        self.ok = os.path.exists("/proc/self/status")
+        if self.ok:
+            threading.Thread(target=self._run, args=(interval,), daemon=True, name="anon-peak").start()
+
+    @staticmethod
+    def now() -> float:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024.0
+        return 0.0
+
+    def _run(self, interval: float) -> None:
+        while True:
+            v = self.now()
+            with self._lock:
+                self.peak = max(self.peak, v)
+            time.sleep(interval)
+
+    def take(self) -> float:
+        if not self.ok:
+            return 0.0
+        with self._lock:
+            out, self.peak = max(self.peak, self.now()), 0.0
+        return out
 
 
 def _crash_point(name: str, step: int) -> None:
@@ -197,6 +237,7 @@ def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
     torch.manual_seed(cfg.seed)
     method = get_method(mcfg.name)
     run_dir.mkdir(parents=True, exist_ok=True)
+    anon = AnonPeak()
 
     model, tok = load_student(cfg.model, cfg.seed)
     policy = TransformersPolicy(model, tok)
@@ -248,6 +289,7 @@ def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
     bar = _progress(cfg, start)
     for step in range(start, cfg.steps):
         t_start = time.perf_counter()
+        anon.take()  # the step's own peak from here
         step_seed = cfg.seed * 1_000_003 + step
         bar.set_description(f"step {step + 1}/{cfg.steps} rollout")
         qids = step_questions(train_ids, step, cfg.questions_per_step, cfg.seed)
@@ -290,7 +332,7 @@ def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
         t_end = time.perf_counter()
 
         line = _metrics_line(step + 1, trajs, sig, loss_sum, agg, rows, ent_sum, grad_norm, scheduler.get_last_lr()[0],
-                             len(samples), (t_start, t_roll, t_teacher, t_end), teacher)
+                             len(samples), (t_start, t_roll, t_teacher, t_end), teacher, anon)
         _write_trajectories(run_dir, step + 1, trajs)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             ckpt.save(run_dir, step + 1, model, optimizer, scheduler, method_state, line, cfg.keep_checkpoints)
@@ -338,7 +380,7 @@ class _null:
         return False
 
 
-def _metrics_line(step, trajs, sig, loss_sum, agg, rows, ent_sum, grad_norm, lr, n_samples, times, teacher) -> dict:
+def _metrics_line(step, trajs, sig, loss_sum, agg, rows, ent_sum, grad_norm, lr, n_samples, times, teacher, anon=None) -> dict:
     n = max(len(trajs), 1)
     t0, t1, t2, t3 = times
     line = {
@@ -362,6 +404,7 @@ def _metrics_line(step, trajs, sig, loss_sum, agg, rows, ent_sum, grad_norm, lr,
         "seconds_teacher": t2 - t1,
         "seconds_update": t3 - t2,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_anon_mb": anon.take() if anon is not None else 0.0,
     }
     if torch.cuda.is_available():
         line["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -120,6 +120,7 @@ class WebQAEnv(gym.Env[str, str]):
         self._example: dict | None = None
         self._done = True
         self._transcript: list[str] = []
+        self._prefetched: tuple[str, list] | None = None  # see prefetch()
 
     # -- data and retrieval, loaded lazily once per process ---------------------------------
     @property
@@ -136,7 +137,8 @@ class WebQAEnv(gym.Env[str, str]):
 
     @property
     def pages(self) -> PageStore | None:
-        """The page store of this env's index, shared per process (None over HTTP)."""
+        """The page store of this env's index, shared per process (None over HTTP: browsing then
+        asks the retrieval server's ``/page``)."""
         key = (self.retriever_spec, self.backend)
         if key not in _PAGE_STORES:
             r = self.retriever
@@ -175,6 +177,7 @@ class WebQAEnv(gym.Env[str, str]):
         self._seen_titles: set[str] = set()
         self._retrieved_ids: list[str] = []
         self._answer: str | None = None
+        self._prefetched = None
         self._done = False
         prompt = self.prompt_template.format(question=ex["question"].strip(), max_turns=self.max_turns)
         self._transcript = [prompt]
@@ -183,8 +186,16 @@ class WebQAEnv(gym.Env[str, str]):
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict]:
         parsed = self.parse(action)
-        hits = self.retriever.search([parsed.arg], k=self.top_k)[0] if parsed.kind == "search" else None
+        pre, self._prefetched = getattr(self, "_prefetched", None), None
+        hits = None
+        if parsed.kind == "search":
+            hits = pre[1] if pre is not None and pre[0] == parsed.arg else self.retriever.search([parsed.arg], k=self.top_k)[0]
         return self.apply(parsed, hits, action)
+
+    def prefetch(self, query: str, hits: Sequence[Hit]) -> None:
+        """Hand the next ``step`` the hits of its search ``query`` (fetched in a batch with other
+        envs' queries), so a wrapped env (``gym.make``) still gets one batched retrieval."""
+        self._prefetched = (query, list(hits))
 
     # The two halves of step, so a vector env can batch the retrieval between them.
     def parse(self, action: str) -> Action:
@@ -274,15 +285,19 @@ class WebQAEnv(gym.Env[str, str]):
     def _render_browse(self, act: Action) -> str:
         self._browses.append(act.arg)
         store = self.pages
-        if store is None:
+        if store is not None:
+            title = store.resolve(act.arg)
+            found = (title, store.text(title)) if title is not None else store.suggest(act.arg)
+        elif hasattr(self.retriever, "page_or_suggestions"):  # a retrieval server's POST /page
+            found = self.retriever.page_or_suggestions(act.arg)
+        else:
             return self._wrap("Error: browsing is not available with this retriever.")
-        title = store.resolve(act.arg)
-        if title is None:
-            sugg = store.suggest(act.arg)
-            more = f" Did you mean: {'; '.join(sugg)}?" if sugg else ""
+        if not isinstance(found, tuple):
+            more = f" Did you mean: {'; '.join(found)}?" if found else ""
             return self._wrap(f"Error: no page titled {clean_title(act.arg)[:100]!r}.{more}")
+        title, page_text = found
         self._seen_titles.add(title)
-        text, n_parts = window(store.text(title), act.part, self.browse_words)
+        text, n_parts = window(page_text, act.part, self.browse_words)
         part = min(act.part, n_parts)
         nxt = ""
         if part < n_parts:

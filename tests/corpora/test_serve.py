@@ -252,3 +252,21 @@ def test_page_endpoint_serves_the_page_store(server, index):
     assert client.page("ed_wood") == ("Ed Wood", store.text("Ed Wood"))
     assert client.page("No Such Page 123 zzzz") is None
     assert requests.post(server.url + "/retrieve", json={"queries": ["Ed Wood"]}, timeout=30).status_code == 200
+
+
+def test_webqa_browses_over_http_like_in_process(server):
+    """An env whose retriever is the server browses through ``/page``: same observations as the
+    in-process page store, suggestions included."""
+    import gymnasium as gym
+
+    import envs  # noqa: F401
+
+    actions = ["<search>Ed Wood filmmaker</search>", "<browse>ed_wood#2</browse>", "<browse>Ed Woood film director</browse>",
+               "<answer>American</answer>"]
+    seen = []
+    for spec in ("bundled", server.url):
+        env = gym.make("WebQA-v0", retriever=spec, max_turns=6)
+        env.reset(options={"question_id": env.unwrapped.questions[0]["id"]})
+        seen.append([env.step(a)[0] for a in actions])
+    assert seen[0] == seen[1]
+    assert "Page: Ed Wood (part " in seen[1][1] and "Did you mean:" in seen[1][2]

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["model=tiny", "method=opd", "teacher=teacher", "teacher.name=tiny", "steps=3", "questions_per_step=1",
         "group_size=2", "max_tokens_per_turn=8", "max_total_tokens=96", "env.max_turns=2", "eval.questions=1",
         "progress=false", "threads=1", "lr=1e-2"]
-VOLATILE = ("seconds", "peak_rss_mb", "peak_gpu_mb")
+VOLATILE = ("seconds", "peak_rss_mb", "peak_gpu_mb", "peak_anon_mb")
 
 
 def start(out: Path, *extra: str, crash: str | None = None) -> subprocess.Popen:

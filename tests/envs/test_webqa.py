@@ -197,3 +197,29 @@ def test_huge_actions(size):
             env.reset(seed=0)
         obs, *_ , info = env.step(action)
         assert env.observation_space.contains(obs) and "Error" in obs
+
+
+def test_step_envs_batches_retrieval_for_wrapped_envs():
+    """``gym.make`` envs (wrapped) stepped together share one search call, go through their
+    wrappers, and see what stepping them one by one gives."""
+    from envs.vector import step_envs
+
+    actions = ["<search>Scott Derrickson</search>", "<browse>Ed Wood</browse>", "<search>Tyler Bates</search>", "oops"]
+    batch = [gym.make("WebQA-v0") for _ in actions]
+    alone = [gym.make("WebQA-v0") for _ in actions]
+    for i, (a, b) in enumerate(zip(batch, alone)):
+        assert a.reset(seed=i)[0] == b.reset(seed=i)[0]
+        assert a is not a.unwrapped  # wrapped by gym.make
+    calls = []
+    retr = batch[0].unwrapped.retriever
+    orig = retr.search
+    retr.search = lambda qs, k=3: (calls.append(list(qs)), orig(qs, k))[1]
+    try:
+        got = step_envs(batch, actions)
+    finally:
+        retr.search = orig
+    assert calls == [["Scott Derrickson", "Tyler Bates"]]
+    want = [env.step(a) for env, a in zip(alone, actions)]
+    assert [g[:4] for g in got] == [w[:4] for w in want]
+    assert [g[4].get("retrieved_ids") for g in got] == [w[4].get("retrieved_ids") for w in want]
+    assert all(b.unwrapped._prefetched is None for b in batch)  # nothing left over for a later step
