@@ -43,6 +43,9 @@ class ModelConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     target_modules: str = "all-linear"
+    # recompute each block's activations in the backward pass instead of keeping them: the
+    # update's memory drops from ~layers x (attention + MLP activations) to one block's worth
+    gradient_checkpointing: bool = True
     tiny_hidden: int = 64  # model=tiny only
     tiny_layers: int = 2
 

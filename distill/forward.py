@@ -29,6 +29,38 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def checkpointing_layers(model) -> list:
+    """Turn on activation checkpointing (non-reentrant) in ``model``'s blocks and return them.
+    transformers only checkpoints a block while ``block.training`` is set, so the model stays in
+    eval mode and ``checkpointed`` flips that flag on the blocks alone: no dropout anywhere, the
+    loss sees the function the policy sampled from."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    hf = base_model(model)
+    enable = getattr(hf, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:  # transformers < 5.x naming
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.eval()
+    return [m for m in hf.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+class checkpointed:
+    """``with checkpointed(blocks):`` - the blocks checkpoint in this forward/backward."""
+
+    def __init__(self, blocks: list):
+        self.blocks = blocks
+
+    def __enter__(self):
+        for b in self.blocks:
+            b.training = True  # this module only, not its children (attention, dropout, LoRA)
+
+    def __exit__(self, *exc):
+        for b in self.blocks:
+            b.training = False
+
+
 def num_layers(model) -> int:
     cfg = base_model(model).config
     return int(getattr(cfg, "num_hidden_layers"))

@@ -41,7 +41,7 @@ from agents.rollout import Trajectory, rollout
 from corpora.cache import atomic_write_json, atomic_write_text
 from distill import checkpoint as ckpt
 from distill.config import TrainConfig, to_yaml
-from distill.forward import forward_at, num_layers
+from distill.forward import checkpointed, checkpointing_layers, forward_at, num_layers
 from distill.losses import entropy, group_advantages, token_logprobs
 from distill.methods import MicroBatch, Signal, get_method
 from distill.teachers import check_capabilities, make_teacher, same_tokenizer
@@ -240,6 +240,7 @@ def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
     anon = AnonPeak()
 
     model, tok = load_student(cfg.model, cfg.seed)
+    blocks = checkpointing_layers(model) if cfg.model.gradient_checkpointing else []
     policy = TransformersPolicy(model, tok)
     teacher = make_teacher(cfg.teacher, model, tok, cfg.model.name)
     check_capabilities(mcfg.name, method.needs(mcfg), teacher, tok)
@@ -313,10 +314,11 @@ def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
         loss_sum, agg, rows, ent_sum = 0.0, {}, 0, 0.0
         optimizer.zero_grad(set_to_none=True)
         for a in range(0, len(samples), cfg.micro_batch_size):
-            mb = micro_batch(model, samples[a : a + cfg.micro_batch_size], policy.pad_id, denominator, layers,
-                             reference=reference, state=method_state, n_layers=(n_s, n_t))
-            loss, m = method.loss(mb, teacher, mcfg)
-            loss.backward()
+            with checkpointed(blocks):
+                mb = micro_batch(model, samples[a : a + cfg.micro_batch_size], policy.pad_id, denominator, layers,
+                                 reference=reference, state=method_state, n_layers=(n_s, n_t))
+                loss, m = method.loss(mb, teacher, mcfg)
+                loss.backward()
             n = int(mb.logprobs_N.numel())
             loss_sum += float(loss.detach())
             with torch.no_grad():
