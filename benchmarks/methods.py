@@ -56,17 +56,36 @@ PRESETS = {
 }
 
 
-def run_method(label: str, overrides: list[str], common: list[str], out: Path, teacher_url: str | None) -> dict:
-    run_dir = out / label
-    args = [sys.executable, "-m", "distill.run", *overrides, *common, f"output_dir={run_dir}", "overwrite=true"]
+def run_args(label: str, overrides: list[str], common: list[str], out: Path, teacher_url: str | None) -> list[str]:
+    """The ``python -m distill.run`` command line of one method's run (printed, so it can be
+    run by hand, e.g. on another core, and picked up later with ``--skip-done``)."""
+    args = [sys.executable, "-m", "distill.run", *overrides, *common, f"output_dir={out / label}", "overwrite=true"]
     if teacher_url and "teacher=http" in overrides:
         args.append(f"teacher.url={teacher_url}")
+    return args
+
+
+def finished_run(run_dir: Path, args: list[str]) -> bool:
+    """``run_dir`` holds a finished run made with exactly ``args`` (its summary.json and the
+    command line recorded next to it)."""
+    cmd = run_dir / "command.json"
+    return (run_dir / "summary.json").exists() and cmd.exists() and json.loads(cmd.read_text()) == args[1:]
+
+
+def run_method(label: str, overrides: list[str], common: list[str], out: Path, teacher_url: str | None,
+               skip_done: bool = False) -> dict:
+    run_dir = out / label
+    args = run_args(label, overrides, common, out, teacher_url)
     t0 = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    if skip_done and finished_run(run_dir, args):
+        print(f"{label}: reusing the finished run in {run_dir}", flush=True)
+    else:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+        if p.returncode != 0:
+            return {"method": label, "error": (p.stdout + p.stderr)[-1500:], "wall_s": time.perf_counter() - t0}
+        (run_dir / "command.json").write_text(json.dumps(args[1:]))
     wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        return {"method": label, "error": (p.stdout + p.stderr)[-1500:], "wall_s": wall}
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     n = len(lines)
     res = {
@@ -134,6 +153,8 @@ def main(argv=None) -> int:
     ap.add_argument("--learn-only", action="store_true")
     ap.add_argument("--learn-steps", type=int, default=4)
     ap.add_argument("--learn-eval", type=int, default=10, help="held-out questions")
+    ap.add_argument("--learn-methods", default="grpo,ovd,opd")
+    ap.add_argument("--skip-done", action="store_true", help="reuse runs already finished with the same command line")
     ap.add_argument("--out", default="results/methods")
     a = ap.parse_args(argv)
     out = Path(a.out)
@@ -157,7 +178,7 @@ def main(argv=None) -> int:
 
         for label in tqdm(labels, desc="methods", unit="method"):
             overrides, teacher = PRESETS[a.model][label]
-            r = run_method(label, overrides, common, out / "cost", server.url if server else None)
+            r = run_method(label, overrides, common, out / "cost", server.url if server else None, a.skip_done)
             r["teacher"] = teacher
             rows.append(r)
             tqdm.write(f"{label}: " + (f"peak {r['peak_rss_mb']:.0f} MB, {r['s_per_step']:.1f} s/step" if "error" not in r else "FAILED"))
@@ -171,12 +192,12 @@ def main(argv=None) -> int:
               f"max_tokens_per_turn={a.tokens_per_turn}", f"env.max_turns={a.max_turns}", f"threads={a.threads}", "progress=false",
               f"eval.questions={a.learn_eval}", "tensorboard=false"]
         rows = []
-        for k, label in enumerate(("grpo", "ovd", "opd")):
+        for k, label in enumerate(m for m in a.learn_methods.split(",") if m):
             overrides, teacher = PRESETS[a.model][label]
             # the before-evaluation is greedy with the same initial model and questions for every
             # method: run it once (with the first method) and share it
             before = [] if k == 0 or "error" in rows[0] else ["eval.before=false"]
-            r = run_method(label, overrides, lc + before, out / "learn", None)
+            r = run_method(label, overrides, lc + before, out / "learn", None, a.skip_done)
             if before and "error" not in r:
                 r["eval_before"] = rows[0]["eval_before"]
             if "error" not in r:

@@ -51,6 +51,10 @@ class OVDConfig(MethodConfig):
     mode: str = "reward"  # reward | replace
     granularity: str = "trajectory"  # trajectory | turn (mode=reward)
     show_gold: bool = True
+    # digit: the teacher's reply, one digit (any chat endpoint). expected: the mean digit under
+    # the teacher's distribution over 0-9 after "Score:" (a local teacher; a graded score that
+    # separates trajectories a greedy digit ties, e.g. a weak teacher answering 6 to everything)
+    score: str = "digit"
     threshold: int = 5  # mode=replace: cut at the first turn scoring below this
     train_on_teacher_tokens: bool = False
     score_retries: int = 2  # re-asks (sampling) for unparseable or failed replies
@@ -59,6 +63,8 @@ class OVDConfig(MethodConfig):
     def __post_init__(self):
         if self.mode not in ("reward", "replace"):
             raise ValueError(f"ovd mode must be 'reward' or 'replace', got {self.mode!r}")
+        if self.score not in ("digit", "expected"):
+            raise ValueError(f"ovd score must be 'digit' or 'expected', got {self.score!r}")
         if self.granularity not in ("trajectory", "turn"):
             raise ValueError(f"ovd granularity must be 'trajectory' or 'turn', got {self.granularity!r}")
         if not 0.0 <= self.env_weight <= 1.0:
@@ -96,7 +102,11 @@ def render(tr, upto_turn: int | None = None, show_gold: bool = True, obs_chars: 
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
 
 
-def score_all(teacher, messages: list[list[dict]], retries: int, seed: int = 0) -> tuple[list[int | None], dict]:
+def score_all(teacher, messages: list[list[dict]], retries: int, seed: int = 0, expected: bool = False) -> tuple[list, dict]:
+    if expected:  # one forward pass per chat, nothing to parse
+        probs = teacher.score_distribution(messages) if messages else []
+        return [sum(d * p for d, p in enumerate(ps)) for ps in probs], {"teacher_requests": len(messages), "teacher_failed": 0,
+                                                                         "teacher_unparseable": 0}
     replies = teacher.score(messages) if messages else []
     failed = sum(r is None for r in replies)
     scores = [parse_score(r) for r in replies]
@@ -121,7 +131,7 @@ def score_turns(trajectories, teacher, cfg: OVDConfig, seed: int) -> tuple[list[
         for k in range(len(t.actions)):
             index.append((i, k))
             msgs.append(render(t, k + 1, cfg.show_gold, cfg.obs_chars))
-    flat, m = score_all(teacher, msgs, cfg.score_retries, seed=seed)
+    flat, m = score_all(teacher, msgs, cfg.score_retries, seed=seed, expected=cfg.score == "expected")
     per: list[list[int | None]] = [[None] * len(t.actions) for t in trajectories]
     for (i, k), s in zip(index, flat):
         per[i][k] = s
@@ -142,7 +152,7 @@ def prepare(trajectories, teacher, cfg: OVDConfig, ctx) -> Signal:
     w = cfg.env_weight
     if cfg.granularity == "trajectory":
         msgs = [render(t, None, cfg.show_gold, cfg.obs_chars) for t in trajectories]
-        scores, m = score_all(teacher, msgs, cfg.score_retries, seed=ctx.seed)
+        scores, m = score_all(teacher, msgs, cfg.score_retries, seed=ctx.seed, expected=cfg.score == "expected")
         rewards = [None if s is None else w * t.reward + (1 - w) * s / 9 for t, s in zip(trajectories, scores)]
         kept = [s for s in scores if s is not None]
         return Signal(rewards=rewards, metrics={**m, **_stats(kept), "dropped": sum(s is None for s in scores)})
@@ -234,7 +244,8 @@ def _prepare_replace(trajectories, teacher, cfg: OVDConfig, ctx) -> Signal:
 
 
 def needs(cfg: OVDConfig) -> frozenset[str]:
-    return frozenset({"score", "act"}) if cfg.mode == "replace" else frozenset({"score"})
+    score = "score_distribution" if cfg.score == "expected" else "score"
+    return frozenset({score, "act"}) if cfg.mode == "replace" else frozenset({score})
 
 
 def loss(mb, teacher, cfg: OVDConfig):

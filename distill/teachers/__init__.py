@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence
 
-CAPABILITIES = ("score", "logprobs", "topk_logprobs", "distribution", "hidden_states", "act")
+CAPABILITIES = ("score", "score_distribution", "logprobs", "topk_logprobs", "distribution", "hidden_states", "act")
 TOKEN_LEVEL = frozenset({"logprobs", "topk_logprobs", "distribution", "hidden_states"})
 
 

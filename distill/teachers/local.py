@@ -22,7 +22,7 @@ SCORE_PREFIX = "Score:"
 
 
 class LocalTeacher:
-    capabilities = frozenset({"score", "logprobs", "topk_logprobs", "distribution", "hidden_states", "act"})
+    capabilities = frozenset({"score", "score_distribution", "logprobs", "topk_logprobs", "distribution", "hidden_states", "act"})
 
     def __init__(self, model, tokenizer, name: str = "local", batch_size: int = 4, disable_adapter: bool = False):
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -63,20 +63,48 @@ class LocalTeacher:
         self.stats["requests"] += len(prompts)
         return replies
 
+    def _digits(self) -> tuple[list[int], torch.Tensor]:
+        """(prompt suffix ids, the token of each digit 0-9) such that ``Score: <d>`` encodes as
+        suffix + [token of d]: ``Score:`` + " d" where " d" is one token, else ``Score: `` + "d"
+        (Qwen splits " 6" into " " and "6": scoring the digit right after ``Score:`` would
+        measure the space)."""
+        if getattr(self, "_digit_setup", None) is None:
+            enc = lambda x: self.tokenizer.encode(x, add_special_tokens=False)  # noqa: E731
+            for prefix, form in ((SCORE_PREFIX, " {}"), (SCORE_PREFIX + " ", "{}")):
+                head = enc(prefix)
+                toks = [enc(prefix + form.format(d)) for d in range(10)]
+                if all(len(t) == len(head) + 1 and t[:-1] == head for t in toks):
+                    self._digit_setup = (head, torch.tensor([t[-1] for t in toks]))
+                    break
+            else:
+                raise ValueError(f"teacher {self.name!r}: its tokenizer has no single-token digits after {SCORE_PREFIX!r}")
+        return self._digit_setup
+
     @torch.no_grad()
+    def score_distribution(self, messages: Sequence[list[dict]]) -> list[list[float]]:
+        """The teacher's probabilities of the digits 0..9 as the reply to each chat (renormalised
+        over the ten digits), read from one forward pass; ``ovd`` with ``method.score=expected``
+        uses their mean, a graded version of the same verbal score."""
+        head, digit_tok = self._digits()
+        prompts = [chat_ids(self.tokenizer, msgs) + head for msgs in messages]
+        out: list[list[float]] = []
+        with self._ctx():
+            for i in range(0, len(prompts), self.batch_size):
+                chunk = prompts[i : i + self.batch_size]
+                seqs = [list(p) + [self.pad_id] for p in chunk]  # target a placeholder right after the prompt
+                got = forward_at(self.model, seqs, [[len(p)] for p in chunk], self.pad_id)
+                out += torch.softmax(got.logits_N_V[:, digit_tok].float(), -1).tolist()
+        self.stats["requests"] += len(prompts)
+        return out
+
     def _best_digit(self, prompts) -> list[int]:
-        digit_ids: dict[int, int] = {}
-        for d in range(10):
-            for form in (str(d), f" {d}"):
-                ids = self.tokenizer.encode(form, add_special_tokens=False)
-                if len(ids) == 1:
-                    digit_ids.setdefault(ids[0], d)
-        cand = torch.tensor(sorted(digit_ids))
-        # a row at target t predicts token t from the tokens before it: target a placeholder after the prompt
-        seqs = [list(p) + [self.pad_id] for p in prompts]
-        out = forward_at(self.model, seqs, [[len(p)] for p in prompts], self.pad_id)
-        best = out.logits_N_V[:, cand].argmax(-1)
-        return [digit_ids[int(cand[b])] for b in best]
+        """The most likely digit after each prompt (the prompts end with ``Score:``)."""
+        head, digit_tok = self._digits()
+        extra = head[len(self.tokenizer.encode(SCORE_PREFIX, add_special_tokens=False)):]
+        seqs = [list(p) + extra + [self.pad_id] for p in prompts]
+        with torch.no_grad():
+            out = forward_at(self.model, seqs, [[len(s) - 1] for s in seqs], self.pad_id)
+        return out.logits_N_V[:, digit_tok].argmax(-1).tolist()
 
     # -- token level ----------------------------------------------------------------------------
     @torch.no_grad()

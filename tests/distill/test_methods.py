@@ -22,6 +22,7 @@ BASE = ["model=tiny", "env.id=ToyVowel-v0", "env.eval_id=ToyVowel-eval-v0", "ste
 TEACHER = {"grpo": ["teacher=none"], "opsd": ["teacher=self"], "oprd": ["teacher.name=tiny:96x3"]}  # bridge: other width/depth
 VARIANTS = [
     ("ovd", ["method.granularity=turn"]),
+    ("ovd", ["method.score=expected"]),
     # every turn scores below 10: the teacher always takes over (one-turn env: from the first turn, so
     # only the teacher's tokens exist to train on)
     ("ovd", ["method.mode=replace", "method.threshold=10", "method.train_on_teacher_tokens=true"]),
@@ -142,6 +143,8 @@ def test_capabilities_are_checked_at_start_up():
     with pytest.raises(CapabilityError, match=r"\['logprobs'\].*logprobs=true"):
         check_capabilities("opd", get_method("opd").needs(get_method("opd").config()), http, small_tok)
     check_capabilities("ovd", get_method("ovd").needs(get_method("ovd").config()), http, small_tok)  # scores suffice
+    with pytest.raises(CapabilityError, match="score_distribution"):  # a remote chat reply has no digit distribution
+        check_capabilities("ovd", get_method("ovd").needs(get_method("ovd").config(score="expected")), http, small_tok)
     other_model, other_tok = tiny_random_model("bytes")
     with pytest.raises(CapabilityError, match="tokenizer"):
         check_capabilities("opd", frozenset({"logprobs"}), LocalTeacher(other_model, other_tok), small_tok)
@@ -177,3 +180,27 @@ def test_every_method_has_a_preset_and_a_docstring():
         import importlib
 
         assert len(importlib.import_module(METHODS[name]).__doc__) > 200
+
+
+def test_score_distribution_is_over_the_ten_digits_and_agrees_with_the_best_digit():
+    from agents.models import tiny_random_model
+    from agents.policy import chat_ids
+    from distill.methods.ovd import render, score_all
+    from distill.teachers.local import SCORE_PREFIX, LocalTeacher
+
+    model, tok = tiny_random_model("small", hidden_size=64, num_layers=2, seed=3)
+    teacher = LocalTeacher(model, tok)
+    head, digit_tok = teacher._digits()
+    for d in range(10):  # "Score: <d>" encodes as the prompt suffix + that digit's token
+        assert tok.encode(f"{SCORE_PREFIX} {d}", add_special_tokens=False) == head + [int(digit_tok[d])]
+    chats = []
+    for q in ("Who wrote Hamlet?", "What is the capital of France?", "When did WW2 end?"):
+        tr = type("T", (), {"question": q, "info": {"gold_answers": ["x"]}, "actions": ["<answer>y</answer>"],
+                            "observations": [""], "answer": "y"})()
+        chats.append(render(tr))
+    probs = teacher.score_distribution(chats)
+    assert len(probs) == 3 and all(len(p) == 10 and abs(sum(p) - 1) < 1e-5 for p in probs)
+    prompts = [chat_ids(tok, c) + tok.encode(SCORE_PREFIX, add_special_tokens=False) for c in chats]
+    assert teacher._best_digit(prompts) == [max(range(10), key=p.__getitem__) for p in probs]
+    scores, m = score_all(teacher, chats, retries=0, expected=True)
+    assert scores == [sum(d * x for d, x in enumerate(p)) for p in probs] and m["teacher_failed"] == 0
