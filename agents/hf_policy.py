@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from agents.policy import Completion, SamplingParams, chat_ids, first_stop
+from agents.policy import Completion, SamplingParams, TokenizerPolicy, first_stop
 
 
 @dataclass
@@ -40,7 +40,7 @@ class _CacheEntry:
     layers: list[tuple[torch.Tensor, torch.Tensor]]
 
 
-class TransformersPolicy:
+class TransformersPolicy(TokenizerPolicy):
     def __init__(self, model, tokenizer, device: str | torch.device | None = None, reuse_cache: bool = True):
         self.model = model
         self.reuse_cache = reuse_cache
@@ -67,16 +67,6 @@ class TransformersPolicy:
         """Changes when the weights are updated in place (optimizer steps, ``load_state_dict``,
         ``copy_``: each bumps a tensor's version counter) or the active peft adapter changes."""
         return (sum(p._version for p in self.model.parameters()), str(getattr(self.model, "active_adapter", "")))
-
-    # -- text <-> ids -------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
-
-    def prompt_ids(self, user_text: str, tools: list[dict] | None = None) -> list[int]:
-        return chat_ids(self.tokenizer, [{"role": "user", "content": user_text}], tools)
 
     # -- sampling -------------------------------------------------------------------------------
     @staticmethod

@@ -46,7 +46,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from agents.policy import Completion, SamplingParams, first_stop, chat_ids
+from agents.policy import Completion, SamplingParams, TokenizerPolicy, first_stop
 
 _TOKEN_ID = re.compile(r"^token_id:(-?\d+)$")
 
@@ -72,7 +72,7 @@ def parse_model_url(spec: str) -> tuple[str, str | None]:
     return url, frag or None
 
 
-class OpenAIPolicy:
+class OpenAIPolicy(TokenizerPolicy):
     def __init__(self, base_url: str, model: str | None = None, api: str = "completions", tokenizer: Any = None,
                  timeout: float = 60.0, retries: int = 3, backoff: float = 0.5, api_key: str | None = None,
                  max_workers: int = 16, logprobs: int = 0, strict_openai: bool = False):
@@ -145,14 +145,8 @@ class OpenAIPolicy:
         return self._request("POST", path, payload)
 
     # -- text <-> ids ----------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
-
     def prompt_ids(self, user_text: str, tools: list[dict] | None = None) -> list[int]:
-        ids = chat_ids(self.tokenizer, [{"role": "user", "content": user_text}], tools)
+        ids = super().prompt_ids(user_text, tools)
         with self._lock:
             self._user_texts[tuple(ids)] = user_text
         return ids

@@ -49,6 +49,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Sequence
 
+from corpora.serve import SubprocessServer, free_port
+
 log = logging.getLogger("agents.openai_server")
 
 MAX_BODY_BYTES = 32 << 20
@@ -539,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-class ModelServerProcess:
+class ModelServerProcess(SubprocessServer):
     """``python -m agents.openai_server`` in a subprocess on a free loopback port; a context manager.
 
     ``url`` is ``http://127.0.0.1:PORT/v1``; ``kill()`` sends SIGKILL, ``stop()`` SIGTERM and
@@ -567,7 +569,6 @@ class ModelServerProcess:
         return self.base + "/v1"
 
     def start(self, wait: bool = True) -> "ModelServerProcess":
-        from corpora.serve import free_port
 
         for _attempt in range(3):  # a free port can be taken between the probe and the bind
             if not self._fixed_port:
@@ -603,34 +604,6 @@ class ModelServerProcess:
                 time.sleep(0.05)
         self.kill()
         raise TimeoutError(f"model server did not answer /health within {self.startup_timeout} s; log: {self.log_text()[-2000:]}")
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-    def __enter__(self) -> "ModelServerProcess":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 if __name__ == "__main__":

@@ -62,6 +62,22 @@ class Policy(Protocol):
         ...
 
 
+class TokenizerPolicy:
+    """``encode``/``decode``/``prompt_ids`` of a policy that holds a transformers-style
+    ``self.tokenizer`` (the chat template formats the first prompt)."""
+
+    tokenizer: Any
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def prompt_ids(self, user_text: str, tools: list[dict] | None = None) -> list[int]:
+        return chat_ids(self.tokenizer, [{"role": "user", "content": user_text}], tools)
+
+
 def chat_ids(tokenizer, messages: Sequence[dict], tools: list[dict] | None = None) -> list[int]:
     """``messages`` through the tokenizer's chat template with the generation prompt opened; plain
     encoding of the concatenated contents when the tokenizer has no template."""

@@ -8,20 +8,14 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from agents.policy import Completion, SamplingParams
+from agents.policy import Completion, SamplingParams, TokenizerPolicy
 
 
-class ScriptedPolicy:
+class ScriptedPolicy(TokenizerPolicy):
     def __init__(self, make_agent: Callable[[], object], tokenizer):
         self.make_agent = make_agent
         self.tokenizer = tokenizer
         self.agents: dict[int, object] = {}
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def prompt_ids(self, user_text: str, tools: list[dict] | None = None) -> list[int]:
         return self.encode(user_text)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from agents.http_policy import cut_completion
-from agents.policy import Completion, SamplingParams, chat_ids
+from agents.policy import Completion, SamplingParams, TokenizerPolicy
 
 
 def _import_vllm():
@@ -38,7 +38,7 @@ def _import_vllm():
     return vllm, TokensPrompt, LoRARequest
 
 
-class VLLMPolicy:
+class VLLMPolicy(TokenizerPolicy):
     def __init__(self, model: str, tokenizer: Any = None, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.5,
                  enable_lora: bool = True, max_lora_rank: int = 64, max_model_len: int | None = None,
                  seed: int = 0, **llm_kwargs):
@@ -75,16 +75,6 @@ class VLLMPolicy:
             return
         self._lora_id += 1
         self.lora = self._LoRARequest(name or f"adapter-{self._lora_id}", self._lora_id, str(path))
-
-    # -- text <-> ids ------------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
-
-    def prompt_ids(self, user_text: str, tools: list[dict] | None = None) -> list[int]:
-        return chat_ids(self.tokenizer, [{"role": "user", "content": user_text}], tools)
 
     # -- generation ----------------------------------------------------------------------------------------
     def sampling_params(self, sp: SamplingParams, seed: int | None = None):

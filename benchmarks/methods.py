@@ -34,25 +34,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # method label -> (distill.run overrides, teacher description) per student preset
+_SHARED = {
+    "grpo": (["method=grpo"], "none"),
+    "ovd": (["method=ovd", "teacher=teacher"], "local Qwen2.5-Coder-1.5B (verbal)"),
+    "ovd-remote": (["method=ovd", "teacher=http", "teacher.timeout=1800"], "HTTP Qwen2.5-Coder-1.5B (verbal)"),
+    "opsd": (["method=opsd"], "self (adapters off)"),
+}
+# token-level methods need the student's tokenizer: SmolLM2 for the small student, Qwen's teacher for the 0.5B
+_TOKEN_LEVEL = {"small": ("small", "local SmolLM2-135M (same tokenizer)"), "student": ("teacher", "local Qwen2.5-Coder-1.5B")}
 PRESETS = {
-    "small": {
-        "grpo": (["method=grpo"], "none"),
-        "ovd": (["method=ovd", "teacher=teacher"], "local Qwen2.5-Coder-1.5B (verbal)"),
-        "ovd-remote": (["method=ovd", "teacher=http", "teacher.timeout=1800"], "HTTP Qwen2.5-Coder-1.5B (verbal)"),
-        "opd": (["method=opd", "teacher=small"], "local SmolLM2-135M (same tokenizer)"),
-        "eopd": (["method=eopd", "teacher=small"], "local SmolLM2-135M"),
-        "opsd": (["method=opsd"], "self (adapters off)"),
-        "oprd": (["method=oprd", "teacher=small"], "local SmolLM2-135M (same arch)"),
-    },
-    "student": {
-        "grpo": (["method=grpo"], "none"),
-        "ovd": (["method=ovd", "teacher=teacher"], "local Qwen2.5-Coder-1.5B (verbal)"),
-        "ovd-remote": (["method=ovd", "teacher=http", "teacher.timeout=1800"], "HTTP Qwen2.5-Coder-1.5B (verbal)"),
-        "opd": (["method=opd", "teacher=teacher"], "local Qwen2.5-Coder-1.5B"),
-        "eopd": (["method=eopd", "teacher=teacher"], "local Qwen2.5-Coder-1.5B"),
-        "opsd": (["method=opsd"], "self (adapters off)"),
-        "oprd": (["method=oprd", "teacher=teacher"], "local Qwen2.5-Coder-1.5B (bridge)"),
-    },
+    model: {**_SHARED, **{m: ([f"method={m}", f"teacher={teacher}"], desc + (" (bridge)" if m == "oprd" and model == "student" else ""))
+                          for m in ("opd", "eopd", "oprd")}}
+    for model, (teacher, desc) in _TOKEN_LEVEL.items()
 }
 
 

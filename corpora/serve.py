@@ -615,7 +615,45 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
+class SubprocessServer:
+    """What a server run as a subprocess shares: its log, ``kill()`` (SIGKILL), ``stop()``
+    (SIGTERM, then SIGKILL after ``timeout``) and use as a context manager (``start()`` on
+    entry). Subclasses set ``proc`` and ``log_path`` and define ``start``."""
+
+    proc: "subprocess.Popen | None" = None
+    log_path: Path
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, wait for a clean exit (SIGKILL after ``timeout``); returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class ServerProcess(SubprocessServer):
     """``python -m corpora.serve`` in a subprocess on a free loopback port; a context manager.
 
     ``url`` is ``http://127.0.0.1:PORT``; ``kill()`` sends SIGKILL, ``stop()`` SIGTERM and waits.
@@ -666,35 +704,6 @@ class ServerProcess:
             if self.proc.returncode != 3:  # 3: could not bind, try another port
                 break
         raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_text()[-2000:]}")
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM, wait for a clean exit (SIGKILL after ``timeout``); returns the exit code."""
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-    def __enter__(self) -> "ServerProcess":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 if __name__ == "__main__":

@@ -33,22 +33,14 @@ def batched_search(envs: Sequence, parsed: Sequence) -> dict[int, list]:
 
 
 def step_envs(envs: Sequence, actions: Sequence[str]) -> list[tuple]:
-    """Step several envs at once. WebQA-style envs (``parse``/``apply``/``prefetch``) share one
-    batched retrieval; wrapped ones (``gym.make``) get their hits through ``prefetch`` and are
-    stepped through their wrappers; any other Gymnasium env is simply stepped."""
+    """Step several envs at once, each through its own wrappers. WebQA-style envs (``parse`` and
+    ``prefetch``) share one batched retrieval, handed to each before its step; any other
+    Gymnasium env is simply stepped."""
     base = [getattr(e, "unwrapped", e) for e in envs]
-    batchable = [hasattr(b, "parse") and hasattr(b, "apply") and (e is b or hasattr(b, "prefetch")) for e, b in zip(envs, base)]
-    parsed = [b.parse(a) if ok else None for b, a, ok in zip(base, actions, batchable)]
-    hits = batched_search(base, parsed)
-    out = []
-    for i, env in enumerate(envs):
-        if batchable[i] and env is base[i]:
-            out.append(base[i].apply(parsed[i], hits.get(i), actions[i]))
-            continue
-        if i in hits:
-            base[i].prefetch(parsed[i].arg, hits[i])
-        out.append(env.step(actions[i]))
-    return out
+    parsed = [b.parse(a) if hasattr(b, "parse") and hasattr(b, "prefetch") else None for b, a in zip(base, actions)]
+    for i, hits in batched_search(base, parsed).items():
+        base[i].prefetch(parsed[i].arg, hits)
+    return [env.step(a) for env, a in zip(envs, actions)]
 
 
 class WebQAVectorEnv(VectorEnv):
