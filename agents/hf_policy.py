@@ -23,7 +23,7 @@ Works with any causal LM in transformers, with or without a peft adapter, on CPU
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -46,6 +46,7 @@ class TransformersPolicy(TokenizerPolicy):
         self.reuse_cache = reuse_cache
         self._cache: list[_CacheEntry] = []  # rows of the last generate call
         self._cache_weights = None  # _weights_key() when the cache was made
+        self._continuous_ok: bool | None = None  # turn_scheduler() support, checked once
         self._logits_to_keep = True  # pass logits_to_keep=1 to the prefill (dropped if the model refuses it)
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -109,6 +110,55 @@ class TransformersPolicy(TokenizerPolicy):
             return None
         return layers
 
+    def _left_padded(self, caches: list, news: list[list[int]]):
+        """One batch from per-row KV caches and the ids to feed next. ``caches[i]`` is a list of
+        per-layer (keys, values) ``[kv_heads, c_i, head_dim]`` or None (``c_i = 0``); row ``i`` is
+        ``[pad]*(C - c_i) + its cache | [pad]*(S - s_i) + news[i]``, with position ids counting
+        its real tokens only. Returns (past, input_ids, attention_mask, position_ids)."""
+        B = len(news)
+        lens = [0 if c is None else int(c[0][0].shape[1]) for c in caches]
+        C, S = max(lens), max(len(x) for x in news)
+        input_ids = torch.full((B, S), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((B, C + S), dtype=torch.long)
+        for i, (new, c) in enumerate(zip(news, lens)):
+            if new:
+                input_ids[i, S - len(new):] = torch.tensor(new, dtype=torch.long)
+                attn[i, C + S - len(new):] = 1
+            attn[i, C - c : C] = 1
+        past = None
+        if C:
+            from transformers.cache_utils import DynamicCache
+
+            ref = caches[lens.index(C)]
+            past = DynamicCache()
+            for layer in range(len(ref)):
+                kv = []
+                for which in (0, 1):
+                    r = ref[layer][which]
+                    t = torch.zeros((B, r.shape[0], C, r.shape[-1]), dtype=r.dtype, device=r.device)
+                    for i, c in enumerate(caches):
+                        if lens[i]:
+                            t[i, :, C - lens[i] :] = c[layer][which]
+                    kv.append(t)
+                past.update(kv[0], kv[1], layer)
+        input_ids, attn = input_ids.to(self.device), attn.to(self.device)
+        pos = ((attn.cumsum(-1) - 1).clamp(min=0))[:, C:]
+        return past, input_ids, attn, pos
+
+    def _row_layers(self, past, attn: torch.Tensor, b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Row ``b``'s own KV cache (its real positions only) out of a batched one."""
+        cols = attn[b].bool()
+        return [(layer.keys[b][:, cols], layer.values[b][:, cols]) for layer in self._plain_layers(past)]
+
+    def turn_scheduler(self, sampling: SamplingParams):
+        """A :class:`ContinuousScheduler` for ``agents.rollout`` (None when the model's KV cache is
+        not a plain per-layer one, e.g. sliding-window attention: the rollout then runs lockstep)."""
+        if self._continuous_ok is None:
+            with torch.no_grad():
+                out = self.model(input_ids=torch.full((1, 1), self.pad_id, device=self.device), use_cache=True)
+            self._continuous_ok = self._plain_layers(out.past_key_values) is not None
+        return ContinuousScheduler(self, sampling) if self._continuous_ok else None
+
     def _forward(self, **kwargs):
         if kwargs["input_ids"].shape[1] > 1 and self._logits_to_keep:
             try:
@@ -131,39 +181,8 @@ class TransformersPolicy(TokenizerPolicy):
             self._cache = []  # made with other weights
         hits = [self._lookup(p) if self.reuse_cache else (None, 0) for p in prompts]
         self._cache = []  # entries are rebuilt from this call's rows (the old ones may be reused below)
-        reused = [n for _, n in hits]
-        C = max(reused)
-        S = max(len(p) - n for p, n in zip(prompts, reused))
-        # row i: [pad]*(C - c_i) + cached c_i | [pad]*(S - s_i) + its s_i new tokens
-        input_ids = torch.full((B, S), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((B, C + S), dtype=torch.long)
-        for i, (p, n) in enumerate(zip(prompts, reused)):
-            new = p[n:]
-            if new:
-                input_ids[i, S - len(new):] = torch.tensor(new, dtype=torch.long)
-                attn[i, C + S - len(new):] = 1
-            attn[i, C - n : C] = 1
-        past = None
-        if C:
-            from transformers.cache_utils import DynamicCache
-
-            n_layers = len(next(e for e, n in hits if n).layers)
-            data = []
-            for layer in range(n_layers):
-                kv = []
-                for which in (0, 1):
-                    ref = next(e for e, n in hits if n).layers[layer][which]
-                    t = torch.zeros((B, ref.shape[0], C, ref.shape[-1]), dtype=ref.dtype, device=ref.device)
-                    for i, (e, n) in enumerate(hits):
-                        if n:
-                            t[i, :, C - n :] = e.layers[layer][which][:, :n]
-                    kv.append(t)
-                data.append(tuple(kv))
-            past = DynamicCache()
-            for layer, (k, v) in enumerate(data):
-                past.update(k, v, layer)
-        input_ids, attn = input_ids.to(self.device), attn.to(self.device)
-        pos = ((attn.cumsum(-1) - 1).clamp(min=0))[:, C:]
+        caches = [[(k[:, :n], v[:, :n]) for k, v in e.layers] if n else None for e, n in hits]
+        past, input_ids, attn, pos = self._left_padded(caches, [p[n:] for p, (_, n) in zip(prompts, hits)])
         out = self._forward(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True)
         past, logits = out.past_key_values, out.logits[:, -1, :]
         keep_cache = self.reuse_cache and self._plain_layers(past) is not None
@@ -187,12 +206,7 @@ class TransformersPolicy(TokenizerPolicy):
                     continue
                 ids[i].append(tok_l[b])
                 lps[i].append(logp_l[b])
-                if tok_l[b] in self.eos_ids:
-                    reason[i] = "eos"
-                elif sp.stop:
-                    tail = self.tokenizer.decode(ids[i][-(max_stop + 2):], skip_special_tokens=False)
-                    if any(s in tail for s in sp.stop):
-                        reason[i] = "stop"
+                reason[i] = self._stopped(ids[i], sp.stop, max_stop)
                 if keep_cache and (reason[i] or last):  # the row's cache: everything fed so far
                     self._keep(past, attn, b, prompts[i] + ids[i][:-1])
                 if not reason[i]:
@@ -211,18 +225,156 @@ class TransformersPolicy(TokenizerPolicy):
             out = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None], past_key_values=past, use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1, :]
             next_pos = next_pos + 1
-        results = []
-        for i in range(B):
-            text = self.decode(ids[i])
-            if reason[i] == "stop":
-                # the stop string ends inside the last token: keep the token, report text up to it
-                cut = first_stop(text, sp.stop)
-                text = text[:cut] if cut >= 0 else text
-            results.append(Completion(ids[i], lps[i], text, reason[i] or "length"))
-        return results
+        return [self._completion(ids[i], lps[i], reason[i] or "length", sp.stop) for i in range(B)]
+
+    def _stopped(self, ids: list[int], stop: tuple[str, ...], max_stop: int) -> str:
+        """"eos" or "stop" when the last id ends the turn, else ""."""
+        if ids[-1] in self.eos_ids:
+            return "eos"
+        if stop and any(s in self.tokenizer.decode(ids[-(max_stop + 2):], skip_special_tokens=False) for s in stop):
+            return "stop"
+        return ""
+
+    def _completion(self, ids: list[int], lps: list[float], reason: str, stop: tuple[str, ...]) -> Completion:
+        text = self.decode(ids)
+        if reason == "stop":
+            # the stop string ends inside the last token: keep the token, report text up to it
+            cut = first_stop(text, stop)
+            text = text[:cut] if cut >= 0 else text
+        return Completion(ids, lps, text, reason)
 
     def _keep(self, past, attn: torch.Tensor, b: int, covered: list[int]) -> None:
-        cols = attn[b].bool()
-        layers = [(layer.keys[b][:, cols], layer.values[b][:, cols]) for layer in self._plain_layers(past)]
+        layers = self._row_layers(past, attn, b)
         assert layers[0][0].shape[1] == len(covered), (layers[0][0].shape, len(covered))
         self._cache.append(_CacheEntry(covered, layers))
+
+
+@dataclass
+class _Row:
+    """One episode in a :class:`ContinuousScheduler`."""
+
+    ids: list[int]  # its whole history: prompt, turns, observations, this turn's ids so far
+    cached: int = 0  # leading ids whose keys/values are computed
+    layers: list | None = None  # its own KV cache while it is out of the decode batch
+    start: int = 0  # where this turn's generated ids begin
+    max_new: int = 1
+    logprobs: list[float] = field(default_factory=list)
+    reason: str = ""  # why its turn ended ("" while decoding)
+
+
+class ContinuousScheduler:
+    """Continuous batching across turns for ``agents.rollout`` (see ``agents.policy.TurnScheduler``).
+
+    The decode batch holds every episode whose turn is under way. When a row's turn ends (a
+    stop string, EOS or its ``max_new_tokens``), ``advance`` returns it at once and cuts its KV
+    cache out of the batch; the others keep their place. When the rollout submits the row's next
+    turn (its history now ends with the observation), the new ids but the last are prefilled in
+    one forward for all such rows, then the row rejoins the decode batch. So a decode step never
+    waits for the longest row of a turn, and a new episode can take the place of a finished one.
+
+    Each row's history is exactly the ids submitted plus the ids sampled (never re-encoded); the
+    log-probs are the raw next-token ones, as in ``generate``. With a seed the sampling is
+    reproducible for the same submissions, but it draws from one generator for the whole batch,
+    so sampled tokens differ from those of the lockstep schedule; greedy decoding gives the same
+    tokens up to float rounding across batch shapes.
+    """
+
+    def __init__(self, policy: TransformersPolicy, sampling: SamplingParams):
+        self.p, self.sp = policy, sampling
+        self.gen = None
+        if sampling.seed is not None:
+            self.gen = torch.Generator(device=policy.device).manual_seed(sampling.seed)
+        self.max_stop = max((len(s) for s in sampling.stop), default=0)
+        self.rows: dict[int, _Row] = {}
+        self.batch: list[int] = []  # keys of the rows in the batched cache, in batch order
+        self.past = self.attn = self.pos = None
+        self.joining: set[int] = set()  # submitted rows not yet in the batch
+
+    def submit(self, key: int, ids: Sequence[int], max_new_tokens: int, context: dict | None = None) -> None:
+        ids = [int(x) for x in ids]
+        row = self.rows.get(key)
+        if row is not None and not row.reason and key in self.batch:
+            raise RuntimeError(f"episode {key} is still generating its turn")
+        if row is None or ids[: row.cached] != row.ids[: row.cached] or len(ids) <= row.cached:
+            row = self.rows[key] = _Row(ids)  # new, or not an extension of what is cached: start over
+        row.ids, row.start, row.max_new, row.logprobs, row.reason = ids, len(ids), max(1, int(max_new_tokens)), [], ""
+        self.joining.add(key)
+
+    def release(self, key: int) -> None:
+        self.rows.pop(key, None)
+        self.joining.discard(key)
+
+    @torch.no_grad()
+    def advance(self) -> list[tuple[int, Completion]]:
+        if self.joining:
+            self._join()
+        if not self.batch:
+            raise RuntimeError("advance() with no submitted episode")
+        p = self.p
+        while True:
+            tok = torch.tensor([[self.rows[k].ids[-1]] for k in self.batch], device=p.device)
+            self.attn = torch.cat([self.attn, torch.ones((len(self.batch), 1), dtype=self.attn.dtype, device=p.device)], 1)
+            out = p.model(input_ids=tok, attention_mask=self.attn, position_ids=self.pos[:, None],
+                          past_key_values=self.past, use_cache=True)
+            self.past, logits = out.past_key_values, out.logits[:, -1, :]
+            self.pos = self.pos + 1
+            nxt = p._sample(logits, self.sp, self.gen)
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, nxt[:, None]).squeeze(-1)
+            ended = []
+            for b, (k, t, lp) in enumerate(zip(self.batch, nxt.tolist(), logp.tolist())):
+                row = self.rows[k]
+                row.cached += 1
+                row.ids.append(t)
+                row.logprobs.append(lp)
+                row.reason = p._stopped(row.ids[row.start :], self.sp.stop, self.max_stop)
+                if not row.reason and len(row.ids) - row.start >= row.max_new:
+                    row.reason = "length"
+                if row.reason:
+                    ended.append(b)
+            if ended:
+                return self._leave(ended)
+
+    def _leave(self, ended: list[int]) -> list[tuple[int, Completion]]:
+        """Cut the rows at batch positions ``ended`` out of the decode batch; their completions."""
+        p, done = self.p, []
+        for b in ended:
+            k = self.batch[b]
+            row = self.rows[k]
+            row.layers = p._row_layers(self.past, self.attn, b)  # everything but the last sampled id
+            done.append((k, p._completion(row.ids[row.start :], row.logprobs, row.reason, self.sp.stop)))
+        stay = [b for b in range(len(self.batch)) if b not in set(ended)]
+        if stay:
+            self._select(stay)
+        else:
+            self.batch, self.past, self.attn, self.pos = [], None, None, None
+        return done
+
+    def _select(self, stay: list[int]) -> None:
+        sel = torch.tensor(stay, device=self.p.device)
+        self.past.batch_select_indices(sel)  # DynamicCache (plain layers: checked by turn_scheduler)
+        self.batch = [self.batch[b] for b in stay]
+        self.attn, self.pos = self.attn[sel], self.pos[sel]
+
+    def _join(self) -> None:
+        """Prefill the joining rows' new ids (all but the last, which the next decode step feeds),
+        then rebuild the decode batch from every row's own cache."""
+        p = self.p
+        for b, k in enumerate(self.batch):  # rows already decoding keep their cache
+            self.rows[k].layers = p._row_layers(self.past, self.attn, b)
+        feed = [k for k in self.joining if len(self.rows[k].ids) - self.rows[k].cached > 1]
+        if feed:
+            rows = [self.rows[k] for k in feed]
+            past, ids, attn, pos = p._left_padded([r.layers if r.cached else None for r in rows],
+                                                  [r.ids[r.cached : -1] for r in rows])
+            out = p._forward(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True)
+            for b, r in enumerate(rows):
+                r.layers = p._row_layers(out.past_key_values, attn, b)
+                r.cached = len(r.ids) - 1
+        self.batch = self.batch + sorted(self.joining)
+        self.joining = set()
+        rows = [self.rows[k] for k in self.batch]
+        past, _, attn, _ = p._left_padded([r.layers if r.cached else None for r in rows], [[] for _ in rows])
+        for r in rows:
+            r.layers = None
+        self.past, self.attn = past, attn
+        self.pos = torch.tensor([r.cached for r in rows], device=p.device)

@@ -1,16 +1,26 @@
-"""The one multi-turn rollout loop: N questions x G samples in lockstep, token-in token-out.
+"""The one multi-turn rollout loop: N questions x G samples, token-in token-out.
 
-Per turn: one batched ``policy.generate`` for every live episode, one batched retrieval for
-every search among them (``envs.vector.step_envs``), then each episode appends
+Each round: the policy's turn scheduler returns the episodes whose turn just ended, one batched
+retrieval serves every search among them (``envs.vector.step_envs``), then each episode appends
 
 * the generated ids exactly as generated (``loss_mask`` 1, with their sampling log-probs), and
-* the observation text tokenised on its own (``loss_mask`` 0, log-prob 0).
+* the observation text tokenised on its own (``loss_mask`` 0, log-prob 0),
 
-The history is never decoded and re-encoded, so ``prompt_ids + completion_ids`` is exactly
-the sequence the policy conditioned on. Budgets are in tokens: ``max_tokens_per_turn`` caps
-one generation, ``max_total_tokens`` caps the completion (agent + observation tokens); when it
-is hit the episode stops with ``truncation="context_budget"`` (the last observation is cut to
-fit). The prompt (with the question) is never truncated.
+and is submitted for its next turn. The history is never decoded and re-encoded, so
+``prompt_ids + completion_ids`` is exactly the sequence the policy conditioned on. Budgets are
+in tokens: ``max_tokens_per_turn`` caps one generation, ``max_total_tokens`` caps the completion
+(agent + observation tokens); when it is hit the episode stops with
+``truncation="context_budget"`` (the last observation is cut to fit). The prompt (with the
+question) is never truncated.
+
+Schedules (``schedule=``): ``"lockstep"`` runs one batched ``policy.generate`` per turn over all
+live episodes (every backend: vLLM, HTTP, scripted); ``"continuous"`` lets an episode whose turn
+ends rejoin decoding as soon as its observation is in, without waiting for the turn's longest
+row (the transformers policy; on CPU a decode step costs about the same for 3 rows as for 8, so
+lockstep turns waste most of their steps); ``"auto"`` (default) takes continuous where the policy
+offers it. ``batch_size`` caps the episodes under way at once; a finished episode's place goes
+to the next one (default: all at once). ``on_episode`` is called with each trajectory as it
+finishes (the eval appends it to its results file there).
 
 Works with any Gymnasium env whose ``reset`` returns a text prompt and whose ``step`` takes
 the action text and returns the new observation text.
@@ -23,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 import gymnasium as gym
 
-from agents.policy import Policy, SamplingParams
+from agents.policy import Lockstep, Policy, SamplingParams
 from envs.vector import step_envs
 
 
@@ -78,58 +88,79 @@ def rollout(
     seed: int | None = None,
     with_privileged: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    batch_size: int | None = None,
+    schedule: str = "auto",
+    on_episode: Callable[[Trajectory], None] | None = None,
 ) -> list[Trajectory]:
     """Roll out ``len(reset_options) * group_size`` episodes; returns them question-major.
 
     ``reset_options[i]`` is passed to ``env.reset(options=...)`` (e.g. ``{"question_id": ...}``
     or ``{"example": {...}}``); sample g of question i is at index ``i * group_size + g``.
     """
+    if schedule not in ("auto", "lockstep", "continuous"):
+        raise ValueError(f"schedule must be auto, lockstep or continuous, not {schedule!r}")
     n = len(reset_options) * group_size
+    slots = n if not batch_size else max(1, int(batch_size))
     clear = getattr(policy, "clear_cache", None)  # a policy may keep KV caches between turns
     if clear:
         clear()
-    envs = [make_env() for _ in range(n)]
-    trajs: list[Trajectory] = []
-    contexts: list[dict] = []
-    for j, env in enumerate(envs):
+    sched = None
+    if schedule != "lockstep" and hasattr(policy, "turn_scheduler"):
+        sched = policy.turn_scheduler(sampling)
+    if sched is None:
+        if schedule == "continuous":
+            raise ValueError(f"{type(policy).__name__} has no continuous schedule (use schedule=lockstep or auto)")
+        sched = Lockstep(policy, sampling)
+    envs: dict[int, gym.Env] = {}
+    trajs: list[Trajectory | None] = [None] * n
+    contexts: dict[int, dict] = {}
+    turn_cap = max_turns
+    t0 = time.perf_counter()
+
+    def submit(j: int) -> None:
+        tr = trajs[j]
+        room = max_total_tokens - len(tr.completion_ids)
+        sched.submit(j, tr.prompt_ids + tr.completion_ids, max(1, min(max_tokens_per_turn, room)), contexts[j])
+
+    def start(j: int) -> None:
+        nonlocal turn_cap
+        env = envs[j] = make_env()
         opts = reset_options[j // group_size]
         prompt, info = env.reset(seed=None if seed is None else seed + j, options=opts)
         base = env.unwrapped
+        if turn_cap is None:
+            turn_cap = getattr(base, "max_turns", None) or 10**9
         tools = base.tool_schemas() if getattr(base, "protocol", "tags") == "tool_call" else None
         ids = policy.prompt_ids(prompt, tools=tools)
         qid = str(info.get("question_id", opts.get("question_id", j // group_size)))
-        tr = Trajectory(qid, str(info.get("question", "")), j % group_size, list(ids))
+        tr = trajs[j] = Trajectory(qid, str(info.get("question", "")), j % group_size, list(ids))
         tr.info["prompt_text"] = prompt
         tr.info["turn_spans"] = []  # [start, end) of each turn's generated ids in completion_ids
-        trajs.append(tr)
-        ctx = {"episode": j, "prompt": prompt, "info": info, "observation": prompt}
+        ctx = contexts[j] = {"episode": j, "prompt": prompt, "info": info, "observation": prompt}
         if with_privileged and hasattr(base, "privileged"):
             ctx["privileged"] = tr.info["privileged"] = base.privileged()
-        contexts.append(ctx)
-    live = list(range(n))
-    turn_cap = max_turns or getattr(envs[0].unwrapped, "max_turns", None) or 10**9
-    t0 = time.perf_counter()
-    turn = 0
-    while live and turn < turn_cap:
-        turn += 1
-        budget = {j: max_total_tokens - len(trajs[j].completion_ids) for j in live}
-        sp = SamplingParams(**{**asdict(sampling), "max_new_tokens": max(1, min(max_tokens_per_turn, max(budget.values())))})
-        if sampling.seed is not None:
-            sp = SamplingParams(**{**asdict(sp), "seed": sampling.seed + turn})
-        outs = policy.generate(
-            [trajs[j].prompt_ids + trajs[j].completion_ids for j in live], sp, [contexts[j] for j in live]
-        )
-        for j, c in zip(live, outs):
-            ids, lps = c.token_ids[: budget[j]], c.logprobs[: budget[j]]
+        submit(j)
+
+    queue = list(range(n))[::-1]
+    active: set[int] = set()
+    finished = 0
+    while queue or active:
+        while queue and len(active) < slots:
+            j = queue.pop()
+            active.add(j)
+            start(j)
+        ended = sched.advance()
+        for j, c in ended:
             tr = trajs[j]
+            room = max_total_tokens - len(tr.completion_ids)
+            ids, lps = c.token_ids[:room], c.logprobs[:room]
             tr.info["turn_spans"].append([len(tr.completion_ids), len(tr.completion_ids) + len(ids)])
             tr.completion_ids += ids
             tr.loss_mask += [1] * len(ids)
             tr.logprobs += lps
             tr.actions.append(c.text if len(ids) == len(c.token_ids) else policy.decode(ids))
-        results = step_envs([envs[j] for j in live], [trajs[j].actions[-1] for j in live])
-        still = []
-        for j, (obs, reward, term, trunc, info) in zip(live, results):
+        results = step_envs([envs[j] for j, _ in ended], [trajs[j].actions[-1] for j, _ in ended])
+        for (j, _), (obs, reward, term, trunc, info) in zip(ended, results):
             tr = trajs[j]
             tr.observations.append(obs)
             tr.invalid_actions = int(info.get("invalid_actions", tr.invalid_actions))
@@ -151,19 +182,24 @@ def rollout(
                 _finish(tr, reward, info)
             elif done:
                 _finish(tr, 0.0, info)
+            elif len(tr.actions) >= turn_cap:  # turn cap of the loop itself (env without its own max_turns)
+                tr.truncation = "max_turns"
+                _finish(tr, 0.0, {})
             else:
-                still.append(j)
-        live = still
-        if progress:
-            progress(n - len(live), n)
-    for j in live:  # turn cap of the loop itself (env without its own max_turns)
-        trajs[j].truncation = "max_turns"
-        _finish(trajs[j], 0.0, {})
+                submit(j)
+                continue
+            sched.release(j)
+            active.discard(j)
+            envs.pop(j).close()
+            finished += 1
+            tr.text = policy.decode(tr.prompt_ids + tr.completion_ids)
+            tr.info["rollout_seconds"] = round(time.perf_counter() - t0, 3)
+            if on_episode:
+                on_episode(tr)
+            if progress:
+                progress(finished, n)
     if clear:
         clear()
-    for tr in trajs:
-        tr.text = policy.decode(tr.prompt_ids + tr.completion_ids)
-        tr.info["rollout_seconds"] = round(time.perf_counter() - t0, 3)
     return trajs
 
 

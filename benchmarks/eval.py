@@ -42,7 +42,8 @@ class EvalConfig:
     max_turns: int = 4
     max_tokens_per_turn: int = 500
     max_total_tokens: int = 4096
-    batch_size: int = 8  # questions per rollout call
+    batch_size: int = 8  # episodes decoding at once (a finished one's place goes to the next question)
+    schedule: str = "auto"  # rollout schedule: auto (continuous where the policy has it), lockstep, continuous
     dtype: str = "float32"
     device: str = "cpu"
     retriever: str = "bundled"
@@ -231,18 +232,22 @@ def main(argv: list[str] | None = None) -> int:
         bar = tqdm(total=len(questions), initial=len(recs), desc=f"{name} [{model_desc}]", unit="q")
         t0 = time.perf_counter()
         with open(path, "a", encoding="utf-8") as fh:
-            for i in range(0, len(todo), cfg.batch_size):
-                batch = todo[i : i + cfg.batch_size]
-                trajs = rollout(policy, make_env, [{"question_id": q["id"]} for q in batch], sampling=sampling,
-                                max_tokens_per_turn=cfg.max_tokens_per_turn, max_total_tokens=cfg.max_total_tokens,
-                                with_privileged=privileged)
-                new = [episode_record(tr, name) for tr in trajs]
-                fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
+
+            def write(tr) -> None:  # each episode as it finishes: a kill loses only those under way
+                rec = episode_record(tr, name)
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
-                recs += new
-                bar.update(len(new))
+                recs.append(rec)
+                bar.update(1)
                 bar.set_postfix(EM=f"{summarise(recs)['em']:.3f}")
+
+            if todo:
+                rollout(policy, make_env, [{"question_id": q["id"]} for q in todo], sampling=sampling,
+                        max_tokens_per_turn=cfg.max_tokens_per_turn, max_total_tokens=cfg.max_total_tokens,
+                        with_privileged=privileged, batch_size=cfg.batch_size, schedule=cfg.schedule, on_episode=write)
+        order = {q["id"]: i for i, q in enumerate(questions)}
+        recs.sort(key=lambda r: order[r["question_id"]])
         bar.close()
         summary[name] = summarise(recs) | {"seconds_this_run": round(time.perf_counter() - t0, 2)}
         retr = probe.retriever

@@ -1,36 +1,37 @@
 """What the multi-turn machinery costs: rollout tokens/s against plain batched generation.
 
-    python -m benchmarks.rollout_speed                       # model=small batch_size=8
+    python -m benchmarks.rollout_speed                       # model=small batch_size=8 episodes=16
     python -m benchmarks.rollout_speed model=student out=results/rollout_speed_student.json
 
-Same model, same B first prompts (the chat-templated WebQA prompts of the first B questions of
-``dataset``), greedy, float32, ``threads`` torch threads:
+Same model, same prompts (the chat-templated WebQA prompts of the first ``episodes`` questions
+of ``dataset``), same batch size B, greedy, float32, ``threads`` torch threads:
 
-(a) ``generate``  - plain ``model.generate`` (transformers), left-padded, ``T`` new tokens for
-    every row (``min_new_tokens = max_new_tokens = T``, no stop strings, so EOS cannot end a row
-    early): B*T tokens of work, the best case of batched decoding.
-(b) ``rollout``   - ``agents.rollout.rollout`` with a :class:`TransformersPolicy`, greedy, the
-    env's default turns and the eval's default budgets. Counted: agent tokens only (loss-mask
-    1); timed: the whole call (policy, env steps, retrieval, tokenising observations, bookkeeping).
-(c) ``policy``    - ``TransformersPolicy.generate`` once on the same prompts with the same ``T``,
-    forced to ``T`` tokens (no stop strings, EOS ignored): our decode loop against (a).
+(a) ``generate``  - plain ``model.generate`` (transformers) over the prompts in batches of B,
+    left-padded, ``T`` new tokens for every row (``min_new_tokens = max_new_tokens = T``, no stop
+    strings, so EOS cannot end a row early): the best case of batched decoding.
+(b) ``rollout``   - ``agents.rollout.rollout`` with a :class:`TransformersPolicy`, greedy,
+    ``batch_size=B``, once per schedule in ``schedules`` (``continuous``: a row whose turn ends
+    rejoins the batch as soon as its observation is in, and a finished episode's place goes to
+    the next question; ``lockstep``: one batched generate per turn). Counted: agent tokens only
+    (loss-mask 1); timed: the whole call (policy, env steps, retrieval, tokenising observations,
+    bookkeeping).
+(c) ``policy``    - ``TransformersPolicy.generate`` on the same prompts in batches of B, forced
+    to ``T`` tokens (no stop strings, EOS ignored): our decode loop against (a).
 
 The comparison. A rollout's turns stop at action ends, so its rows generate different numbers
 of tokens, and its work also includes things plain generation does not have (prefilling the
-history and the observations each turn, rows that already stopped riding along in the lockstep
-batch, retrieval). To compare like with like we give (a) and (c) the same *useful* work the
-rollout did: ``T = round(agent tokens of the rollout / B)`` by default, so all three produce
-about the same number of tokens from the same B prompts, and the ratio
+observations each turn, retrieval, and in lockstep rows that already stopped waiting for the
+turn's longest one). To compare like with like we give (a) and (c) the same *useful* work the
+first rollout did: ``T = round(agent tokens / episodes)`` by default, so all produce about the
+same number of tokens from the same prompts, and the ratio
 
-    rollout / generate = (agent tokens / rollout seconds) / (B*T / generate seconds)
+    rollout / generate = (agent tokens / rollout seconds) / (episodes*T / generate seconds)
 
 is the fraction of plain-generation throughput the multi-turn loop keeps (target >= 0.8).
-``T`` can be fixed with ``new_tokens=N``. Everything that differs is the machinery's cost, and
-the script says where it goes: every model forward is timed (a forward pre/post hook), split
-into prefill (input length > 1: tokens fed, padded slots) and decode steps (batch slots vs
-tokens that were kept), plus the time in observation tokenising and in the rest (env steps,
-retrieval, Python). Per decode step times at the rollout's longer contexts vs the first-turn
-context say how much is plain attention length.
+``T`` can be fixed with ``new_tokens=N``. Every model forward is timed (a forward pre/post
+hook), split into prefill (input length > 1: tokens fed, padded slots) and decode steps (batch
+slots vs tokens that were kept), plus the time in observation tokenising and in the rest (env
+steps, retrieval, Python).
 
 A warm-up (one short ``model.generate``) runs first; each measurement runs once (``repeats``
 to repeat and keep the best). The load average is recorded: the box may be shared.
@@ -52,6 +53,8 @@ from pathlib import Path
 class SpeedConfig:
     model: str = "small"
     batch_size: int = 8
+    episodes: int = 0  # questions rolled out (0 = 2 x batch_size)
+    schedules: str = "continuous,lockstep"  # rollouts to time; the first sets T
     dataset: str = "hotpotqa"
     new_tokens: int = 0  # T for (a) and (c); 0 = agent tokens of the rollout / B
     max_tokens_per_turn: int = 500
@@ -124,8 +127,25 @@ class ForwardTimer:
             h.remove()
 
 
+class TimedScheduler:
+    def __init__(self, sched, owner):
+        self.s, self.o = sched, owner
+
+    def __getattr__(self, name):
+        return getattr(self.s, name)
+
+    def advance(self):
+        t = time.perf_counter()
+        out = self.s.advance()
+        self.o.generate_s += time.perf_counter() - t
+        self.o.generate_calls += 1
+        self.o.completions.append([len(c.token_ids) for _, c in out])
+        return out
+
+
 class TimedPolicy:
-    """A policy proxy that times ``generate`` and ``encode`` (observation tokenising)."""
+    """A policy proxy that times ``generate`` (or its turn scheduler's ``advance``) and
+    ``encode`` (observation tokenising)."""
 
     def __init__(self, policy):
         self.p = policy
@@ -143,6 +163,10 @@ class TimedPolicy:
         self.generate_calls += 1
         self.completions.append([len(c.token_ids) for c in out])
         return out
+
+    def turn_scheduler(self, sampling):
+        sched = self.p.turn_scheduler(sampling)
+        return None if sched is None else TimedScheduler(sched, self)
 
     def encode(self, text):
         t = time.perf_counter()
@@ -216,80 +240,90 @@ def main(argv: list[str] | None = None) -> int:
     env_kwargs = dict(top_k=cfg.top_k, max_turns=cfg.max_turns, retriever=cfg.retriever)
     make_env = lambda: gym.make(env_id, **env_kwargs)  # noqa: E731
     probe = make_env().unwrapped
-    qids = [q["id"] for q in probe.questions[: cfg.batch_size]]
-    B = len(qids)
+    B = cfg.batch_size
+    qids = [q["id"] for q in probe.questions[: cfg.episodes or 2 * B]]
+    E = len(qids)
+    schedules = [x.strip() for x in cfg.schedules.split(",") if x.strip()]
 
     model, tok = load_model(cfg.model, dtype=cfg.dtype)
     policy = TransformersPolicy(model, tok, **({} if cfg.reuse_cache else {"reuse_cache": False}))
     prompts = [policy.prompt_ids(make_env().reset(options={"question_id": q})[0]) for q in qids]
+    chunks = [prompts[i : i + B] for i in range(0, E, B)]
     load0 = os.getloadavg()
 
     timer = ForwardTimer(model)
-    hf_generate(model, prompts, policy.pad_id, 4)  # warm-up
+    hf_generate(model, prompts[:B], policy.pad_id, 4)  # warm-up
 
     # (b) the rollout, natural (stops at action ends), greedy
-    def run_rollout():
+    def run_rollout(schedule):
         timer.reset()
         tp = TimedPolicy(policy)
         t = time.perf_counter()
         trajs = rollout(tp, make_env, [{"question_id": q} for q in qids], sampling=SamplingParams(temperature=0.0),
-                        max_tokens_per_turn=cfg.max_tokens_per_turn, max_total_tokens=cfg.max_total_tokens)
+                        max_tokens_per_turn=cfg.max_tokens_per_turn, max_total_tokens=cfg.max_total_tokens,
+                        batch_size=B, schedule=schedule)
         secs = time.perf_counter() - t
         agent = sum(tr.num_agent_tokens for tr in trajs)
         obs_tokens = sum(len(tr.loss_mask) - tr.num_agent_tokens for tr in trajs)
         return {
+            "schedule": schedule,
             "seconds": round(secs, 3),
             "tokens": agent,
             "tokens_per_s": round(agent / secs, 2),
             "turns": [len(tr.actions) for tr in trajs],
-            "turn_tokens": tp.completions,  # per generate call, per live row
+            "episode_agent_tokens": [tr.num_agent_tokens for tr in trajs],
+            "scheduler_calls": tp.generate_calls,
             "observation_tokens": obs_tokens,
             "final_context_tokens": [tr.num_tokens for tr in trajs],
             "policy_generate_seconds": round(tp.generate_s, 3),
             "encode_seconds": round(tp.encode_s, 3),
             "env_and_other_seconds": round(secs - tp.generate_s - tp.encode_s, 3),
-            "em": sum(tr.em for tr in trajs) / B,
+            "em": sum(tr.em for tr in trajs) / E,
             **timer.stats(),
         }
 
-    r_b = best_of(cfg.repeats, run_rollout)
-    T = cfg.new_tokens or max(1, round(r_b["tokens"] / B))
+    r_b = {sch: best_of(cfg.repeats, lambda: run_rollout(sch)) for sch in schedules}
+    T = cfg.new_tokens or max(1, round(r_b[schedules[0]]["tokens"] / E))
 
-    # (a) plain model.generate, forced to T tokens per row
+    # (a) plain model.generate, forced to T tokens per row, batches of B
     def run_generate():
         timer.reset()
         t = time.perf_counter()
-        gen = hf_generate(model, prompts, policy.pad_id, T)
+        for chunk in chunks:
+            gen = hf_generate(model, chunk, policy.pad_id, T)
+            assert gen.shape == (len(chunk), T), gen.shape
         secs = time.perf_counter() - t
-        assert gen.shape == (B, T), gen.shape
-        return {"seconds": round(secs, 3), "tokens": B * T, "tokens_per_s": round(B * T / secs, 2), **timer.stats()}
+        return {"seconds": round(secs, 3), "tokens": E * T, "tokens_per_s": round(E * T / secs, 2), **timer.stats()}
 
-    # (c) TransformersPolicy.generate alone, one turn, forced to T tokens per row
+    # (c) TransformersPolicy.generate alone, one turn, forced to T tokens per row, batches of B
     def run_policy():
         timer.reset()
         sp = SamplingParams(temperature=0.0, max_new_tokens=T, stop=())
+        n = 0
         with no_eos(policy):
             t = time.perf_counter()
-            outs = policy.generate(prompts, sp)
+            for chunk in chunks:
+                n += sum(len(c.token_ids) for c in policy.generate(chunk, sp))
             secs = time.perf_counter() - t
-        n = sum(len(c.token_ids) for c in outs)
-        assert n == B * T, n
+        assert n == E * T, n
         return {"seconds": round(secs, 3), "tokens": n, "tokens_per_s": round(n / secs, 2), **timer.stats()}
 
     r_a = best_of(cfg.repeats, run_generate)
     r_c = best_of(cfg.repeats, run_policy)
     timer.close()
 
-    ratio = r_b["tokens_per_s"] / r_a["tokens_per_s"]
+    ratios = {sch: round(r["tokens_per_s"] / r_a["tokens_per_s"], 3) for sch, r in r_b.items()}
     report = {
         "config": asdict(SpeedConfig(**{k: getattr(cfg, k) for k in SpeedConfig.__dataclass_fields__})),
         "batch": B,
+        "episodes": E,
         "T": T,
         "prompt_tokens": [len(p) for p in prompts],
         "generate": r_a,
-        "rollout": r_b,
+        "rollouts": r_b,
         "policy_generate": r_c,
-        "ratio_rollout_over_generate": round(ratio, 3),
+        "ratio_rollout_over_generate": ratios[schedules[0]],
+        "ratios_rollout_over_generate": ratios,
         "ratio_policy_over_generate": round(r_c["tokens_per_s"] / r_a["tokens_per_s"], 3),
         "torch_threads": torch.get_num_threads(),
         "loadavg_before": [round(x, 2) for x in load0],
@@ -301,17 +335,20 @@ def main(argv: list[str] | None = None) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=1) + "\n")
 
-    rows = [("(a) model.generate", r_a), ("(b) rollout", r_b), ("(c) policy.generate", r_c)]
-    print(f"\nmodel={cfg.model} B={B} T={T} threads={torch.get_num_threads()} prompts {min(report['prompt_tokens'])}-{max(report['prompt_tokens'])} tokens, "
+    rows = [("(a) model.generate", r_a)] + [(f"(b) rollout {sch}", r) for sch, r in r_b.items()] + [("(c) policy.generate", r_c)]
+    print(f"\nmodel={cfg.model} B={B} episodes={E} T={T} threads={torch.get_num_threads()} prompts "
+          f"{min(report['prompt_tokens'])}-{max(report['prompt_tokens'])} tokens, "
           f"load avg {report['loadavg_before'][0]} -> {report['loadavg_after'][0]}")
-    print(f"{'':22} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'prefill s':>9} {'decode s':>9} {'steps':>6} {'ms/step':>8} {'ctx':>7}")
+    print(f"{'':26} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ratio':>6} {'prefill s':>9} {'decode s':>9} {'steps':>6} {'ms/step':>8} {'ctx':>7}")
     for label, r in rows:
-        print(f"{label:22} {r['tokens']:>7} {r['seconds']:>8.2f} {r['tokens_per_s']:>8.2f} {r['prefill_seconds']:>9.2f} "
-              f"{r['decode_seconds']:>9.2f} {r['decode_steps']:>6} {r['ms_per_decode_step']:>8.1f} {r['mean_decode_context']:>7.0f}")
-    print(f"rollout: turns {r_b['turns']}, {r_b['decode_slots']} decode slots for {r_b['tokens']} agent tokens, "
-          f"prefill {r_b['prefill_tokens']} tokens ({r_b['prefill_padded_slots']} padded slots) in {r_b['prefill_calls']} calls, "
-          f"{r_b['observation_tokens']} observation tokens; encode {r_b['encode_seconds']} s, env+other {r_b['env_and_other_seconds']} s")
-    print(f"ratio rollout/generate = {ratio:.3f}   policy/generate = {report['ratio_policy_over_generate']:.3f}")
+        print(f"{label:26} {r['tokens']:>7} {r['seconds']:>8.2f} {r['tokens_per_s']:>8.2f} {r['tokens_per_s'] / r_a['tokens_per_s']:>6.3f} "
+              f"{r['prefill_seconds']:>9.2f} {r['decode_seconds']:>9.2f} {r['decode_steps']:>6} {r['ms_per_decode_step']:>8.1f} {r['mean_decode_context']:>7.0f}")
+    for sch, r in r_b.items():
+        print(f"rollout {sch}: {r['decode_slots']} decode slots for {r['tokens']} agent tokens, prefill {r['prefill_tokens']} tokens "
+              f"({r['prefill_padded_slots']} padded slots) in {r['prefill_calls']} calls, {r['observation_tokens']} observation tokens; "
+              f"encode {r['encode_seconds']} s, env+other {r['env_and_other_seconds']} s, EM {r['em']:.3f}")
+    print("ratio rollout/generate: " + ", ".join(f"{sch} {x:.3f}" for sch, x in ratios.items())
+          + f"   policy/generate = {report['ratio_policy_over_generate']:.3f}")
     print(f"wrote {out_path}")
     return 0
 

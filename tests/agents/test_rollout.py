@@ -26,6 +26,22 @@ class Recording:
         self.calls.append(([c["episode"] for c in contexts], out))
         return out
 
+    def turn_scheduler(self, sampling):
+        return RecordingScheduler(self.p.turn_scheduler(sampling), self.calls)
+
+
+class RecordingScheduler:
+    def __init__(self, sched, calls):
+        self.s, self.calls = sched, calls
+
+    def __getattr__(self, name):
+        return getattr(self.s, name)
+
+    def advance(self):
+        out = self.s.advance()
+        self.calls.append(([k for k, _ in out], [c for _, c in out]))
+        return out
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -48,11 +64,12 @@ def _segments(tr):
     return segs
 
 
-def test_ids_are_exactly_generated_plus_tokenised_observations(tiny):
+@pytest.mark.parametrize("schedule", ["lockstep", "continuous"])
+def test_ids_are_exactly_generated_plus_tokenised_observations(tiny, schedule):
     pol = Recording(tiny)
-    trajs = rollout(pol, lambda: gym.make("WebQA-v0"), [{"index": 0}, {"index": 3}], group_size=2,
+    trajs = rollout(pol, lambda: gym.make("WebQA-v0"), [{"index": 0}, {"index": 3}], group_size=2, schedule=schedule,
                     sampling=SamplingParams(temperature=1.0, seed=1), max_tokens_per_turn=24, max_total_tokens=2000)
-    assert len(trajs) == 4 and [t.sample_index for t in trajs] == [0, 1, 0, 1]
+    assert pol.calls and len(trajs) == 4 and [t.sample_index for t in trajs] == [0, 1, 0, 1]
     for j, tr in enumerate(trajs):
         generated = [c.token_ids for eps, outs in pol.calls for e, c in zip(eps, outs) if e == j]
         segs = _segments(tr)
@@ -75,6 +92,62 @@ def test_sampling_logprobs_match_a_full_forward_pass(tiny):
     for t, (tok, m, lp) in enumerate(zip(tr.completion_ids, tr.loss_mask, tr.logprobs)):
         if m:
             assert lp == pytest.approx(logp[n0 + t - 1, tok].item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("schedule,batch_size", [("lockstep", None), ("continuous", None), ("continuous", 2)])
+def test_every_episodes_logprobs_match_a_full_forward_pass(tiny, schedule, batch_size):
+    """The continuous schedule cuts rows out of the batched KV cache and splices them back with
+    their observations prefilled: every sampled token's log-prob must still be the model's."""
+    trajs = rollout(tiny, lambda: gym.make("WebQA-v0"), [{"index": i} for i in range(3)], group_size=2,
+                    sampling=SamplingParams(temperature=1.0, seed=7), max_tokens_per_turn=16, max_total_tokens=900,
+                    schedule=schedule, batch_size=batch_size)
+    assert sum(len(t.actions) for t in trajs) > len(trajs)  # several turns: observations were spliced in
+    for tr in trajs:
+        ids = torch.tensor([tr.prompt_ids + tr.completion_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny.model(ids).logits[0, :-1].float(), -1)
+        n0 = len(tr.prompt_ids)
+        got = [lp for lp, m in zip(tr.logprobs, tr.loss_mask) if m]
+        want = [logp[n0 + t - 1, tok].item() for t, (tok, m) in enumerate(zip(tr.completion_ids, tr.loss_mask)) if m]
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_continuous_greedy_gives_the_lockstep_episodes(tiny):
+    opts = [{"index": i} for i in range(5)]
+    kw = dict(sampling=SamplingParams(temperature=0), max_tokens_per_turn=12, max_total_tokens=800)
+    lock = rollout(tiny, lambda: gym.make("WebQA-v0"), opts, schedule="lockstep", **kw)
+    seen = []
+    cont = rollout(tiny, lambda: gym.make("WebQA-v0"), opts, schedule="continuous", batch_size=2,
+                   on_episode=lambda tr: seen.append(tr.question_id), **kw)
+    assert [t.completion_ids for t in cont] == [t.completion_ids for t in lock]
+    assert [t.loss_mask for t in cont] == [t.loss_mask for t in lock]
+    assert [t.actions for t in cont] == [t.actions for t in lock]
+    assert sorted(seen) == sorted(t.question_id for t in lock) and len(seen) == 5  # each once, as it finished
+
+
+def test_continuous_decode_steps_are_the_longest_episode_not_the_sum_of_turn_maxima(tiny):
+    """Lockstep turns last until their longest row stops; a continuous row never waits: with every
+    episode under way at once, decode steps = the most agent tokens of one episode."""
+    steps = []
+    hook = tiny.model.register_forward_pre_hook(
+        lambda m, a, kw: steps.append(1) if kw["input_ids"].shape[1] == 1 and kw.get("past_key_values") else None,
+        with_kwargs=True)
+    try:
+        trajs = rollout(tiny, EchoEnv, [{}], group_size=4, max_tokens_per_turn=40, max_turns=5, schedule="continuous",
+                        sampling=SamplingParams(temperature=1.0, seed=1, stop=("t",)))
+    finally:
+        hook.remove()
+    lengths = [[b - a for a, b in t.info["turn_spans"]] for t in trajs]
+    lockstep_bound = sum(max(turn) for turn in zip(*lengths))
+    assert len(steps) == max(t.num_agent_tokens for t in trajs) < lockstep_bound, (len(steps), lengths)
+
+
+def test_unknown_schedule_is_named(tiny):
+    with pytest.raises(ValueError, match="schedule"):
+        rollout(tiny, EchoEnv, [{}], schedule="async")
+    with pytest.raises(ValueError, match="continuous"):
+        rollout(ScriptedPolicy(OracleAgent, byte_tokenizer()), lambda: gym.make("WebQA-v0"), [{"index": 0}],
+                schedule="continuous")
 
 
 def test_batched_greedy_equals_one_by_one(tiny):

@@ -24,7 +24,8 @@ def test_reused_cache_gives_the_same_rollout(tiny, sampling):
     for reuse in (True, False):
         pol = TransformersPolicy(model, tok, reuse_cache=reuse)
         runs[reuse] = rollout(pol, lambda: gym.make("WebQA-v0", max_turns=3), [{"index": i} for i in range(3)],
-                              group_size=2, sampling=sampling, max_tokens_per_turn=12, max_total_tokens=3000)
+                              group_size=2, sampling=sampling, max_tokens_per_turn=12, max_total_tokens=3000,
+                              schedule="lockstep")  # the kept cache serves generate(); continuous keeps its own
         assert pol._cache == []  # the rollout drops the kept cache when it ends
     for a, b in zip(runs[True], runs[False]):
         assert len(a.actions) > 1
@@ -55,11 +56,16 @@ def test_benchmark_script_runs(tiny, tmp_path, capsys):
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     out = tmp_path / "speed.json"
-    assert main([f"model={tmp_path / 'm'}", "batch_size=2", "max_tokens_per_turn=8", "max_turns=2", "threads=0", f"out={out}"]) == 0
+    assert main([f"model={tmp_path / 'm'}", "batch_size=2", "episodes=3", "max_tokens_per_turn=8", "max_turns=2", "threads=0",
+                 f"out={out}"]) == 0
     rep = json.loads(out.read_text())
-    assert rep["batch"] == 2 and rep["generate"]["tokens"] == 2 * rep["T"] == rep["policy_generate"]["tokens"]
-    assert rep["rollout"]["tokens"] > 0 and rep["ratio_rollout_over_generate"] > 0
-    assert "ratio rollout/generate" in capsys.readouterr().out
+    assert rep["batch"] == 2 and rep["generate"]["tokens"] == 3 * rep["T"] == rep["policy_generate"]["tokens"]
+    assert set(rep["rollouts"]) == {"continuous", "lockstep"}
+    for r in rep["rollouts"].values():
+        assert r["tokens"] == sum(r["episode_agent_tokens"]) > 0 and len(r["turns"]) == 3
+    assert rep["ratio_rollout_over_generate"] == rep["ratios_rollout_over_generate"]["continuous"] > 0
+    printed = capsys.readouterr().out
+    assert "ratio rollout/generate: continuous" in printed and "(b) rollout lockstep" in printed
 
 
 def test_cache_is_dropped_when_the_weights_change():
