@@ -271,6 +271,8 @@ class ContinuousScheduler:
     turn (its history now ends with the observation), the new ids but the last are prefilled in
     one forward for all such rows, then the row rejoins the decode batch. So a decode step never
     waits for the longest row of a turn, and a new episode can take the place of a finished one.
+    New episodes start from the keys/values of the prefix they share with the last ones (the
+    prompt template, or the whole prompt for a question's G samples), computed once.
 
     Each row's history is exactly the ids submitted plus the ids sampled (never re-encoded); the
     log-probs are the raw next-token ones, as in ``generate``. With a seed the sampling is
@@ -289,6 +291,7 @@ class ContinuousScheduler:
         self.batch: list[int] = []  # keys of the rows in the batched cache, in batch order
         self.past = self.attn = self.pos = None
         self.joining: set[int] = set()  # submitted rows not yet in the batch
+        self.prefix: tuple[list[int], list] | None = None  # (ids, per-layer KV) shared by new episodes
 
     def submit(self, key: int, ids: Sequence[int], max_new_tokens: int, context: dict | None = None) -> None:
         ids = [int(x) for x in ids]
@@ -361,6 +364,7 @@ class ContinuousScheduler:
         p = self.p
         for b, k in enumerate(self.batch):  # rows already decoding keep their cache
             self.rows[k].layers = p._row_layers(self.past, self.attn, b)
+        self._share_prefix([self.rows[k] for k in self.joining if self.rows[k].cached == 0])
         feed = [k for k in self.joining if len(self.rows[k].ids) - self.rows[k].cached > 1]
         if feed:
             rows = [self.rows[k] for k in feed]
@@ -378,3 +382,39 @@ class ContinuousScheduler:
             r.layers = None
         self.past, self.attn = past, attn
         self.pos = torch.tensor([r.cached for r in rows], device=p.device)
+
+    def _share_prefix(self, new: list[_Row]) -> None:
+        """Prefill once what new episodes share (the prompt template; a whole prompt for the G
+        samples of one question) and start each of them from it. The shared keys/values are kept
+        for the next new episodes, which usually share the template too."""
+        if not new:
+            return
+        shared = new[0].ids[:-1]
+        for r in new[1:]:
+            shared = shared[: _common(shared, r.ids[:-1])]
+        if len(shared) < _MIN_SHARED:
+            return
+        base = 0
+        if self.prefix is not None:
+            base = _common(self.prefix[0], shared)
+        if base < len(shared):
+            p = self.p
+            start = [(k[:, :base], v[:, :base]) for k, v in self.prefix[1]] if base else None
+            past, ids, attn, pos = p._left_padded([start], [shared[base:]])
+            out = p._forward(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True)
+            self.prefix = (shared, p._row_layers(out.past_key_values, attn, 0))
+        layers = [(k[:, : len(shared)], v[:, : len(shared)]) for k, v in self.prefix[1]]
+        for r in new:
+            r.layers, r.cached = layers, len(shared)
+
+
+_MIN_SHARED = 8  # shorter common prefixes are not worth a forward of their own
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two id lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -221,3 +221,31 @@ def test_real_small_model_rollout_mask_and_ids():
         env = [s for m, s in segs if m == 0]
         assert env == [pol.encode(o) for o in tr.observations[: len(env)]]
         assert tr.prompt_ids[:3] == pol.prompt_ids("x")[:3]  # chat template applied
+
+
+def test_new_episodes_prefill_only_what_they_do_not_share(tiny):
+    """G samples of one question prefill their prompt once; a later question prefills only the
+    part after the template it shares with the earlier ones."""
+    fed = []
+    hook = tiny.model.register_forward_pre_hook(
+        lambda m, a, kw: fed.append(tuple(kw["input_ids"].shape)) if kw["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True)
+    try:
+        sched = tiny.turn_scheduler(SamplingParams(temperature=0))
+        p1, p2 = tiny.prompt_ids("Question: who wrote Hamlet?"), tiny.prompt_ids("Question: where is Bath?")
+        for k in range(4):
+            sched.submit(k, p1, 3)
+        first = sched.advance()
+        assert fed == [(1, len(p1) - 1)]  # one forward for the four copies
+        assert len({tuple(c.token_ids) for _, c in first}) == 1  # greedy: the same completion for each
+        fed.clear()
+        for k, _ in first:
+            sched.release(k)
+        sched.submit(9, p2, 3)
+        (key, c), = sched.advance()
+        shared = next(i for i, (a, b) in enumerate(zip(p1, p2)) if a != b)
+        assert key == 9 and fed == [(1, len(p2) - 1 - shared)]
+    finally:
+        hook.remove()
+    alone = TransformersPolicy(tiny.model, tiny.tokenizer).generate([p2], SamplingParams(temperature=0, max_new_tokens=3, stop=()))[0]
+    assert c.token_ids == alone.token_ids and c.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
