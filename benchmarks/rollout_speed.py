@@ -207,10 +207,11 @@ def hf_generate(model, prompts, pad_id, T):
     return out[:, ids.shape[1]:]
 
 
-def best_of(repeats, fn):
+def best_of(repeats, fn, label=""):
     best = None
     for _ in range(max(1, repeats)):
         r = fn()
+        print(f"{label}: {r['tokens']} tokens in {r['seconds']:.1f} s", file=sys.stderr, flush=True)
         if best is None or r["seconds"] < best["seconds"]:
             best = r
     return best
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             **timer.stats(),
         }
 
-    r_b = {sch: best_of(cfg.repeats, lambda: run_rollout(sch)) for sch in schedules}
+    r_b = {sch: best_of(cfg.repeats, lambda: run_rollout(sch), f"rollout {sch}") for sch in schedules}
     T = cfg.new_tokens or max(1, round(r_b[schedules[0]]["tokens"] / E))
 
     # (a) plain model.generate, forced to T tokens per row, batches of B
@@ -308,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         assert n == E * T, n
         return {"seconds": round(secs, 3), "tokens": n, "tokens_per_s": round(n / secs, 2), **timer.stats()}
 
-    r_a = best_of(cfg.repeats, run_generate)
-    r_c = best_of(cfg.repeats, run_policy)
+    r_a = best_of(cfg.repeats, run_generate, "model.generate")
+    r_c = best_of(cfg.repeats, run_policy, "policy.generate")
     timer.close()
 
     ratios = {sch: round(r["tokens_per_s"] / r_a["tokens_per_s"], 3) for sch, r in r_b.items()}
