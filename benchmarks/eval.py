@@ -35,6 +35,7 @@ class EvalConfig:
     datasets: str = "hotpotqa"
     limit: int | None = 100
     out: str = "results/eval"
+    summarise_only: bool = False  # no new episodes: the table of what the results files hold (a stopped run)
     greedy: bool = True
     temperature: float = 1.0
     top_p: float = 1.0
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         questions = probe.questions[: cfg.limit] if cfg.limit else probe.questions
         path = out / f"{name}.jsonl"
         done = read_done(path)
-        todo = [q for q in questions if q["id"] not in done]
+        todo = [] if cfg.summarise_only else [q for q in questions if q["id"] not in done]
         recs = [done[q["id"]] for q in questions if q["id"] in done]
         bar = tqdm(total=len(questions), initial=len(recs), desc=f"{name} [{model_desc}]", unit="q")
         t0 = time.perf_counter()

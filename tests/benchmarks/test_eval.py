@@ -68,3 +68,10 @@ def test_oracle_eval_and_viewer(tmp_path):
     assert viewer_main([str(tmp_path / "hotpotqa.jsonl"), "-o", str(tmp_path / "v.html")]) == 0
     page = (tmp_path / "v.html").read_text()
     assert page.count("<details>") == 20 and "&lt;search&gt;" in page and "EM 1.000" in page
+
+
+def test_summarise_only_tables_a_stopped_run(tmp_path):
+    assert eval_main(["model=oracle", "datasets=hotpotqa", "limit=4", f"out={tmp_path}"]) == 0
+    assert eval_main(["model=oracle", "datasets=hotpotqa", "limit=10", "summarise_only=true", f"out={tmp_path}"]) == 0
+    assert len(_lines(tmp_path / "hotpotqa.jsonl")) == 4  # nothing new was run
+    assert "| hotpotqa | 4 | 1.000 |" in (tmp_path / "summary.md").read_text()
