@@ -345,18 +345,14 @@ class ContinuousScheduler:
             row = self.rows[k]
             row.layers = p._row_layers(self.past, self.attn, b)  # everything but the last sampled id
             done.append((k, p._completion(row.ids[row.start :], row.logprobs, row.reason, self.sp.stop)))
-        stay = [b for b in range(len(self.batch)) if b not in set(ended)]
-        if stay:
-            self._select(stay)
+        stay = [b for b in range(len(self.batch)) if b not in ended]
+        if stay:  # DynamicCache with plain layers (checked by turn_scheduler)
+            sel = torch.tensor(stay, device=p.device)
+            self.past.batch_select_indices(sel)
+            self.batch, self.attn, self.pos = [self.batch[b] for b in stay], self.attn[sel], self.pos[sel]
         else:
             self.batch, self.past, self.attn, self.pos = [], None, None, None
         return done
-
-    def _select(self, stay: list[int]) -> None:
-        sel = torch.tensor(stay, device=self.p.device)
-        self.past.batch_select_indices(sel)  # DynamicCache (plain layers: checked by turn_scheduler)
-        self.batch = [self.batch[b] for b in stay]
-        self.attn, self.pos = self.attn[sel], self.pos[sel]
 
     def _join(self) -> None:
         """Prefill the joining rows' new ids (all but the last, which the next decode step feeds),

@@ -56,7 +56,7 @@ class SpeedConfig:
     episodes: int = 0  # questions rolled out (0 = 2 x batch_size)
     schedules: str = "continuous,lockstep"  # rollouts to time; the first sets T
     dataset: str = "hotpotqa"
-    new_tokens: int = 0  # T for (a) and (c); 0 = agent tokens of the rollout / B
+    new_tokens: int = 0  # T for (a) and (c); 0 = agent tokens of the first rollout / episodes
     max_tokens_per_turn: int = 500
     max_total_tokens: int = 4096
     top_k: int = 3
