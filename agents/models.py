@@ -573,6 +573,7 @@ def tiny_random_model(
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
+    num_kv_heads: int | None = None,
     architecture: Literal["llama", "qwen2"] = "llama",
     seed: int = 0,
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
@@ -599,7 +600,7 @@ def tiny_random_model(
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,  # fewer: grouped-query attention
         max_position_embeddings=2048,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,

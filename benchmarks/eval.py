@@ -67,11 +67,17 @@ def parse_config(argv: list[str], schema=EvalConfig):
         raise SystemExit(f"error: bad value for {exc.full_key!r}: {exc.msg}") from None
 
 
+_CODE_DIRS = ("envs", "corpora", "agents", "distill", "benchmarks", "pyproject.toml")
+
+
 def code_version() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root, timeout=5)
         if sha.returncode == 0:
-            return sha.stdout.strip()
+            # "+dirty": the package code differs from that commit (results files do not count)
+            dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *_CODE_DIRS], cwd=root, timeout=5).returncode == 1
+            return sha.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
     from importlib.metadata import PackageNotFoundError, version

@@ -4,7 +4,7 @@
     python -m benchmarks.rollout_speed model=student out=results/rollout_speed_student.json
 
 Same model, same prompts (the chat-templated WebQA prompts of the first ``episodes`` questions
-of ``dataset``), same batch size B, greedy, float32, ``threads`` torch threads:
+of ``dataset``), same batch size B, greedy, ``dtype`` (float32) on ``device`` (cpu), ``threads`` torch threads:
 
 (a) ``generate``  - plain ``model.generate`` (transformers) over the prompts in batches of B,
     left-padded, ``T`` new tokens for every row (``min_new_tokens = max_new_tokens = T``, no stop
@@ -63,6 +63,7 @@ class SpeedConfig:
     max_turns: int = 4
     retriever: str = "bundled"
     dtype: str = "float32"
+    device: str = "cpu"  # cuda: a GPU (the timer then synchronises around every forward)
     threads: int = 1  # torch threads; 0 = torch's default
     repeats: int = 1
     reuse_cache: bool = True  # TransformersPolicy keeps the KV cache between turns (false: re-prefill)
@@ -89,10 +90,18 @@ class ForwardTimer:
         self.prefill_slots = self.prefill_tokens = self.decode_slots = 0
         self.decode_ctx = []  # (kv length, seconds) per decode step
 
+    def _sync(self):
+        if self.model.device.type == "cuda":  # kernels run asynchronously: time them whole
+            import torch
+
+            torch.cuda.synchronize()
+
     def _pre(self, module, args, kwargs):
+        self._sync()
         self._t = time.perf_counter()
 
     def _post(self, module, args, kwargs, output):
+        self._sync()
         dt = time.perf_counter() - self._t
         ids = kwargs.get("input_ids", args[0] if args else None)
         attn = kwargs.get("attention_mask")
@@ -201,6 +210,7 @@ def hf_generate(model, prompts, pad_id, T):
     import torch
 
     ids, attn = left_pad(prompts, pad_id)
+    ids, attn = ids.to(model.device), attn.to(model.device)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=T, min_new_tokens=T,
                              pad_token_id=pad_id, num_beams=1, temperature=None, top_p=None, top_k=None)
@@ -246,14 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     E = len(qids)
     schedules = [x.strip() for x in cfg.schedules.split(",") if x.strip()]
 
-    model, tok = load_model(cfg.model, dtype=cfg.dtype)
+    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     policy = TransformersPolicy(model, tok, **({} if cfg.reuse_cache else {"reuse_cache": False}))
     prompts = [policy.prompt_ids(make_env().reset(options={"question_id": q})[0]) for q in qids]
     chunks = [prompts[i : i + B] for i in range(0, E, B)]
     load0 = os.getloadavg()
 
     timer = ForwardTimer(model)
-    hf_generate(model, prompts[:B], policy.pad_id, 4)  # warm-up
+    hf_generate(model, prompts[:B], policy.pad_id, 4)  # warm-up: generate, and a short rollout (the retrieval
+    rollout(policy, make_env, [{"question_id": q} for q in qids[:B]], sampling=SamplingParams(temperature=0.0),  # kernels'
+            max_tokens_per_turn=8, batch_size=B)  # compilation, a GPU's first use of each kernel)
 
     # (b) the rollout, natural (stops at action ends), greedy
     def run_rollout(schedule):

@@ -112,6 +112,25 @@ def test_every_episodes_logprobs_match_a_full_forward_pass(tiny, schedule, batch
         assert got == pytest.approx(want, abs=1e-4)
 
 
+def test_grouped_query_attention_logprobs_match_a_full_forward_pass():
+    """Qwen2.5 shares each key/value head among several query heads; cached prefills on CPU let
+    torch's SDPA do the grouping (``enable_gqa``) instead of repeating the cache."""
+    model, tok = tiny_random_model("bytes", num_heads=4, num_kv_heads=2, architecture="qwen2", seed=1)
+    pol = TransformersPolicy(model, tok)
+    trajs = rollout(pol, lambda: gym.make("WebQA-v0"), [{"index": i} for i in range(3)], group_size=2,
+                    sampling=SamplingParams(temperature=1.0, seed=5), max_tokens_per_turn=16, max_total_tokens=900,
+                    schedule="continuous", batch_size=3)
+    assert sum(len(t.actions) for t in trajs) > len(trajs)
+    for tr in trajs:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([tr.prompt_ids + tr.completion_ids])).logits[0, :-1].float(), -1)
+        n0 = len(tr.prompt_ids)
+        got = [lp for lp, m in zip(tr.logprobs, tr.loss_mask) if m]
+        want = [logp[n0 + t - 1, t_].item() for t, (t_, m) in enumerate(zip(tr.completion_ids, tr.loss_mask)) if m]
+        assert got == pytest.approx(want, abs=1e-4)
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in __import__("os").environ  # the switch is put back
+
+
 def test_continuous_greedy_gives_the_lockstep_episodes(tiny):
     opts = [{"index": i} for i in range(5)]
     kw = dict(sampling=SamplingParams(temperature=0), max_tokens_per_turn=12, max_total_tokens=800)
@@ -249,3 +268,88 @@ def test_new_episodes_prefill_only_what_they_do_not_share(tiny):
         hook.remove()
     alone = TransformersPolicy(tiny.model, tiny.tokenizer).generate([p2], SamplingParams(temperature=0, max_new_tokens=3, stop=()))[0]
     assert c.token_ids == alone.token_ids and c.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+
+
+def test_spare_layer_decodes_in_place_and_matches_a_plain_cache(tiny):
+    """Decoding writes each new position into spare room (no copy of the cache per step) and
+    gives the logits of transformers' own concatenating DynamicCache."""
+    from transformers.cache_utils import DynamicCache
+
+    from agents.hf_policy import _SpareLayer, _spare_cache
+
+    m = tiny.model
+    ids = torch.tensor([tiny.prompt_ids("Question: who wrote Hamlet?")])
+    mine, plain = _spare_cache(spare=4), DynamicCache()
+    with torch.no_grad():
+        a = m(input_ids=ids, past_key_values=mine, use_cache=True).logits[:, -1]
+        b = m(input_ids=ids, past_key_values=plain, use_cache=True).logits[:, -1]
+        assert all(type(layer) is _SpareLayer for layer in mine.layers)
+        buffers = [layer.kb.data_ptr() for layer in mine.layers]
+        for step in range(6):  # 4 fit in the spare room, then one reallocation with room again
+            tok = a.argmax(-1, keepdim=True)
+            assert torch.equal(tok, b.argmax(-1, keepdim=True))
+            a = m(input_ids=tok, past_key_values=mine, use_cache=True).logits[:, -1]
+            b = m(input_ids=tok, past_key_values=plain, use_cache=True).logits[:, -1]
+            assert torch.allclose(a, b, atol=1e-5)
+            same = [layer.kb.data_ptr() for layer in mine.layers] == buffers
+            assert same == (step < 4), step
+        assert mine.get_seq_length() == plain.get_seq_length() == ids.shape[1] + 6
+        layer = mine.layers[0]
+        layer.crop(-2)  # keys set by DynamicLayer itself: copied into a buffer on the next update
+        layer.update(layer.keys[..., :1, :], layer.values[..., :1, :])
+        assert layer.keys.shape[-2] == ids.shape[1] + 5 and layer.keys.data_ptr() == layer.kb.data_ptr()
+
+
+def test_prefill_groups_split_rows_of_very_different_lengths():
+    from agents.hf_policy import _FORWARD_COST, _prefill_groups, _Row
+
+    def rows(*news):
+        return [_Row(list(range(n + 1))) for n in news]  # nothing cached: n ids to prefill, the last is fed later
+
+    assert _prefill_groups([]) == []
+    same = rows(40, 42, 41)
+    assert _prefill_groups(same) == [[same[0], same[2], same[1]]]  # one forward, short rows first
+    mixed = rows(300, 5, 6)
+    assert [[len(r.ids) - 1 for r in g] for g in _prefill_groups(mixed)] == [[5, 6], [300]]
+    # the split is only made when padding costs more than another forward
+    assert len(_prefill_groups(rows(5, 5 + _FORWARD_COST - 1))) == 1
+
+
+def test_continuous_batch_drops_padding_when_a_long_row_leaves(tiny):
+    """Rows are left-padded to the longest one; when that one leaves, the columns that are
+    padding in every remaining row are dropped (no copy) so decode attention stops paying for them."""
+    sched = tiny.turn_scheduler(SamplingParams(temperature=0, stop=()))
+    long, short = tiny.prompt_ids("x " * 200), tiny.prompt_ids("short")
+    sched.submit(0, long, 2)
+    sched.submit(1, short, 5)
+    (key, _), = sched.advance()  # the long row stops first (max 2 new tokens)
+    assert key == 0
+    width = sched.attn.shape[1]
+    assert width == len(short) + 1  # only the short row's own positions are left
+    assert all(layer.keys.shape[-2] == width for layer in sched.past.layers)
+    (key, c), = sched.advance()
+    alone = TransformersPolicy(tiny.model, tiny.tokenizer).generate([short], SamplingParams(temperature=0, max_new_tokens=5, stop=()))[0]
+    assert key == 1 and c.token_ids == alone.token_ids and c.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_continuous_rollout_on_cuda(dtype):
+    """The KV-cache surgery of the continuous schedule on a GPU: masks and ids exact, and in
+    float32 every sampled token's log-prob equals a full forward pass."""
+    model, tok = tiny_random_model("bytes", seed=0)
+    pol = TransformersPolicy(model.to("cuda", dtype), tok)
+    trajs = rollout(pol, lambda: gym.make("WebQA-v0"), [{"index": i} for i in range(3)], group_size=2,
+                    sampling=SamplingParams(temperature=1.0, seed=7), max_tokens_per_turn=16, max_total_tokens=900,
+                    schedule="continuous", batch_size=2)
+    assert sum(len(t.actions) for t in trajs) > len(trajs)
+    for tr in trajs:
+        assert tr.text == pol.decode(tr.prompt_ids + tr.completion_ids)
+        assert all(lp == 0.0 for lp, m in zip(tr.logprobs, tr.loss_mask) if m == 0)
+        if dtype is torch.float32:
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([tr.prompt_ids + tr.completion_ids], device="cuda")).logits[0, :-1].float(), -1)
+            n0 = len(tr.prompt_ids)
+            got = [lp for lp, m in zip(tr.logprobs, tr.loss_mask) if m]
+            want = [logp[n0 + t - 1, t_].item() for t, (t_, m) in enumerate(zip(tr.completion_ids, tr.loss_mask)) if m]
+            assert got == pytest.approx(want, abs=1e-3)
