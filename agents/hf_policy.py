@@ -26,8 +26,6 @@ Works with any causal LM in transformers, with or without a peft adapter, on CPU
 """
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -105,30 +103,6 @@ class _SpareLayer(DynamicLayer):
         """Forget the first ``k`` positions (padding in every row)."""
         self.lo += k
         self._view()
-
-
-_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
-
-
-@contextmanager
-def _gqa_in_sdpa(on: bool):
-    """Let torch's SDPA handle grouped-query attention (``enable_gqa``) in this forward.
-
-    With an attention mask, transformers' SDPA path otherwise repeats every layer's key/value
-    heads to the query heads (7 times for Qwen2.5-0.5B) before attending. In a prefill over a
-    cache of a thousand positions that copy cost about a fifth of the forward on this CPU (1.06 s
-    against 0.87 s for 134 new tokens, 2 threads). Used for cached prefills on CPU only: decode
-    steps are faster on transformers' own path, and on a GPU a mask with ``enable_gqa`` falls
-    back to the math kernel. transformers reads the switch from the environment at each call;
-    a value the user set is left alone."""
-    if not on or _FORCE_GQA in os.environ:
-        yield
-        return
-    os.environ[_FORCE_GQA] = "1"
-    try:
-        yield
-    finally:
-        os.environ.pop(_FORCE_GQA, None)
 
 
 def _spare_cache(layers: list | None = None, spare: int = 0) -> DynamicCache:
@@ -266,14 +240,12 @@ class TransformersPolicy(TokenizerPolicy):
 
     def _forward(self, **kwargs):
         """A prefill forward (logits for the last position only)."""
-        past = kwargs.get("past_key_values")
-        with _gqa_in_sdpa(self.device.type == "cpu" and past is not None and past.get_seq_length() > 0):
-            if kwargs["input_ids"].shape[1] > 1 and self._logits_to_keep:
-                try:
-                    return self.model(**kwargs, logits_to_keep=1)
-                except TypeError:  # a model whose forward has no logits_to_keep
-                    self._logits_to_keep = False
-            return self.model(**kwargs)
+        if kwargs["input_ids"].shape[1] > 1 and self._logits_to_keep:
+            try:
+                return self.model(**kwargs, logits_to_keep=1)
+            except TypeError:  # a model whose forward has no logits_to_keep
+                self._logits_to_keep = False
+        return self.model(**kwargs)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, contexts=None) -> list[Completion]:
