@@ -190,33 +190,40 @@ class TransformersPolicy(TokenizerPolicy):
             return None
         return layers
 
-    def _left_padded(self, caches: list, news: list[list[int]], spare: int = 0):
+    def _left_padded(self, caches: list, news: list[list[int]], spare: int = 0, base=None):
         """One batch from per-row KV caches and the ids to feed next. ``caches[i]`` is a list of
         per-layer (keys, values) ``[kv_heads, c_i, head_dim]`` or None (``c_i = 0``); row ``i`` is
         ``[pad]*(C - c_i) + its cache | [pad]*(S - s_i) + news[i]``, with position ids counting
-        its real tokens only. The cache's buffers have room for ``S + spare`` new positions.
-        Returns (past, input_ids, attention_mask, position_ids)."""
-        B = len(news)
+        its real tokens only. ``base = (layers, attention_mask)`` of a batch already built (the
+        continuous scheduler's decode batch) puts its rows first, copied as they are, padding
+        included (they get no new ids). The cache's buffers have room for ``S + spare`` new
+        positions. Returns (past, input_ids, attention_mask, position_ids of the new ids)."""
+        B0, C0 = (0, 0) if base is None else tuple(base[1].shape)
+        B = B0 + len(news)
         lens = [0 if c is None else int(c[0][0].shape[1]) for c in caches]
-        C, S = max(lens), max(len(x) for x in news)
+        C, S = max([C0, *lens]), max((len(x) for x in news), default=0)
         input_ids = torch.full((B, S), self.pad_id, dtype=torch.long)
         attn = torch.zeros((B, C + S), dtype=torch.long)
-        for i, (new, c) in enumerate(zip(news, lens)):
+        if base is not None:
+            attn[:B0, C - C0 : C] = base[1]
+        for i, (new, c) in enumerate(zip(news, lens), start=B0):
             if new:
                 input_ids[i, S - len(new):] = torch.tensor(new, dtype=torch.long)
                 attn[i, C + S - len(new):] = 1
             attn[i, C - c : C] = 1
         layers = []
         if C:
-            ref = caches[lens.index(C)]
+            ref = base[0] if base is not None else caches[lens.index(C)]
             for layer in range(len(ref)):
                 kv = []
                 for which in (0, 1):
                     r = ref[layer][which]
-                    t = torch.zeros((B, r.shape[0], C + S + spare, r.shape[-1]), dtype=r.dtype, device=r.device)
+                    t = r.new_zeros((B, r.shape[-3], C + S + spare, r.shape[-1]))
+                    if base is not None:
+                        t[:B0, :, C - C0 : C] = r
                     for i, c in enumerate(caches):
                         if lens[i]:
-                            t[i, :, C - lens[i] : C] = c[layer][which]
+                            t[B0 + i, :, C - lens[i] : C] = c[layer][which]
                     kv.append(t)
                 layers.append(_SpareLayer.holding(kv[0], kv[1], C, spare))
         past = _spare_cache(layers, spare)
@@ -431,7 +438,7 @@ class ContinuousScheduler:
             self.past.batch_select_indices(sel)
             self.batch, self.attn, self.pos = [self.batch[b] for b in stay], self.attn[sel], self.pos[sel]
             pad = int(self.attn.any(0).int().argmax())  # leading columns that are padding in every row
-            if pad and all(isinstance(layer, _SpareLayer) for layer in self.past.layers):
+            if pad:  # the batch cache is ours (_left_padded): _SpareLayer throughout
                 for layer in self.past.layers:
                     layer.drop_front(pad)
                 self.attn = self.attn[:, pad:]
@@ -462,31 +469,13 @@ class ContinuousScheduler:
         p = self.p
         new = [self.rows[k] for k in keys]
         spare = 1 + max(r.max_new - (len(r.ids) - r.start) for r in [self.rows[k] for k in self.batch] + new)
-        if not self.batch:
-            past, _, attn, _ = p._left_padded([r.layers if r.cached else None for r in new], [[] for _ in new], spare)
-            self.past, self.attn = past, attn
-            self.pos = torch.tensor([r.cached for r in new], device=p.device)
-        else:
-            old = p._plain_layers(self.past)
-            B0, C0 = len(self.batch), self.attn.shape[1]
-            C = max(C0, *(r.cached for r in new))
-            layers = []
-            for li, layer in enumerate(old):
-                kv = []
-                for which, t0 in enumerate((layer.keys, layer.values)):
-                    t = t0.new_zeros((B0 + len(new), t0.shape[1], C + spare, t0.shape[-1]))
-                    t[:B0, :, C - C0 : C] = t0
-                    for j, r in enumerate(new):
-                        if r.cached:
-                            t[B0 + j, :, C - r.cached : C] = r.layers[li][which]
-                    kv.append(t)
-                layers.append(_SpareLayer.holding(kv[0], kv[1], C, spare))
-            attn = torch.zeros((B0 + len(new), C), dtype=self.attn.dtype, device=p.device)
-            attn[:B0, C - C0 :] = self.attn
-            for j, r in enumerate(new):
-                attn[B0 + j, C - r.cached :] = 1
-            self.past, self.attn = _spare_cache(layers, spare), attn
-            self.pos = torch.cat([self.pos, torch.tensor([r.cached for r in new], device=p.device)])
+        base = None
+        if self.batch:
+            base = ([(layer.keys, layer.values) for layer in p._plain_layers(self.past)], self.attn)
+        self.past, _, self.attn, _ = p._left_padded([r.layers if r.cached else None for r in new], [[] for _ in new],
+                                                    spare, base)
+        cached = torch.tensor([r.cached for r in new], device=p.device)
+        self.pos = cached if self.pos is None else torch.cat([self.pos, cached])
         for r in new:
             r.layers = None
         self.batch = self.batch + keys

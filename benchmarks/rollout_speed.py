@@ -33,8 +33,8 @@ hook), split into prefill (input length > 1: tokens fed, padded slots) and decod
 slots vs tokens that were kept), plus the time in observation tokenising and in the rest (env
 steps, retrieval, Python).
 
-A warm-up (one short ``model.generate``) runs first; each measurement runs once (``repeats``
-to repeat and keep the best). The load average is recorded: the box may be shared.
+A warm-up (a short ``model.generate`` and a short rollout) runs first; each measurement runs
+once (``repeats`` to repeat and keep the best). The load average is recorded: the box may be shared.
 Writes ``out`` (JSON) and prints a table.
 """
 from __future__ import annotations
@@ -77,6 +77,7 @@ class ForwardTimer:
         import torch  # noqa: F401
 
         self.model = model
+        self.cuda = model.device.type == "cuda"  # kernels run asynchronously: synchronise to time them whole
         self.reset()
         self._t = 0.0
         self._h = [
@@ -91,7 +92,7 @@ class ForwardTimer:
         self.decode_ctx = []  # (kv length, seconds) per decode step
 
     def _sync(self):
-        if self.model.device.type == "cuda":  # kernels run asynchronously: time them whole
+        if self.cuda:
             import torch
 
             torch.cuda.synchronize()
@@ -263,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
 
     timer = ForwardTimer(model)
-    hf_generate(model, prompts[:B], policy.pad_id, 4)  # warm-up: generate, and a short rollout (the retrieval
-    rollout(policy, make_env, [{"question_id": q} for q in qids[:B]], sampling=SamplingParams(temperature=0.0),  # kernels'
-            max_tokens_per_turn=8, batch_size=B)  # compilation, a GPU's first use of each kernel)
+    # warm-up: a short generate and a short rollout (the retrieval kernels compile, a GPU loads each kernel)
+    hf_generate(model, prompts[:B], policy.pad_id, 4)
+    rollout(policy, make_env, [{"question_id": q} for q in qids[:B]], sampling=SamplingParams(temperature=0.0),
+            max_tokens_per_turn=8, batch_size=B)
 
     # (b) the rollout, natural (stops at action ends), greedy
     def run_rollout(schedule):
