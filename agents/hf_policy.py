@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from agents.packed import Batch, Seq, packed_forward, packed_ok
 from agents.policy import Completion, SamplingParams, TokenizerPolicy, first_stop
 
 
@@ -123,9 +124,12 @@ class _CacheEntry:
 
 
 class TransformersPolicy(TokenizerPolicy):
-    def __init__(self, model, tokenizer, device: str | torch.device | None = None, reuse_cache: bool = True):
+    def __init__(self, model, tokenizer, device: str | torch.device | None = None, reuse_cache: bool = True,
+                 packed: bool = True):
         self.model = model
         self.reuse_cache = reuse_cache
+        self.packed = packed  # continuous scheduler: prefill joining rows inside a decode step (agents.packed)
+        self._packed_ok: bool | None = None  # packed_ok(model), checked once
         self._cache: list[_CacheEntry] = []  # rows of the last generate call
         self._cache_weights = None  # _weights_key() when the cache was made
         self._continuous_ok: bool | None = None  # turn_scheduler() support, checked once
@@ -243,7 +247,9 @@ class TransformersPolicy(TokenizerPolicy):
             with torch.no_grad():
                 out = self.model(input_ids=torch.full((1, 1), self.pad_id, device=self.device), use_cache=True)
             self._continuous_ok = self._plain_layers(out.past_key_values) is not None
-        return ContinuousScheduler(self, sampling) if self._continuous_ok else None
+        if self._continuous_ok and self.packed and self._packed_ok is None:
+            self._packed_ok = packed_ok(self.model)
+        return ContinuousScheduler(self, sampling, packed=self.packed and bool(self._packed_ok)) if self._continuous_ok else None
 
     def _forward(self, **kwargs):
         """A prefill forward (logits for the last position only)."""
@@ -368,8 +374,9 @@ class ContinuousScheduler:
     tokens up to float rounding across batch shapes.
     """
 
-    def __init__(self, policy: TransformersPolicy, sampling: SamplingParams):
+    def __init__(self, policy: TransformersPolicy, sampling: SamplingParams, packed: bool = False):
         self.p, self.sp = policy, sampling
+        self.packed = packed  # joiners are prefilled by packed_forward, riding along a decode step
         self.gen = None
         if sampling.seed is not None:
             self.gen = torch.Generator(device=policy.device).manual_seed(sampling.seed)
@@ -397,32 +404,43 @@ class ContinuousScheduler:
     @torch.no_grad()
     def advance(self) -> list[tuple[int, Completion]]:
         if self.joining:
-            self._join()
+            done = self._join_packed() if self.packed else self._join()
+            if done:
+                return done
         if not self.batch:
             raise RuntimeError("advance() with no submitted episode")
         p = self.p
         while True:
             tok = torch.tensor([[self.rows[k].ids[-1]] for k in self.batch], device=p.device)
-            self.attn = torch.cat([self.attn, torch.ones((len(self.batch), 1), dtype=self.attn.dtype, device=p.device)], 1)
+            self._widen()
             out = p.model(input_ids=tok, attention_mask=self.attn, position_ids=self.pos[:, None],
                           past_key_values=self.past, use_cache=True)
-            self.past, logits = out.past_key_values, out.logits[:, -1, :]
-            self.pos = self.pos + 1
-            nxt = p._sample(logits, self.sp, self.gen)
-            logp = torch.log_softmax(logits.float(), -1).gather(-1, nxt[:, None]).squeeze(-1)
-            ended = []
-            for b, (k, t, lp) in enumerate(zip(self.batch, nxt.tolist(), logp.tolist())):
-                row = self.rows[k]
-                row.cached += 1
-                row.ids.append(t)
-                row.logprobs.append(lp)
-                row.reason = p._stopped(row.ids[row.start :], self.sp.stop, self.max_stop)
-                if not row.reason and len(row.ids) - row.start >= row.max_new:
-                    row.reason = "length"
-                if row.reason:
-                    ended.append(b)
+            self.past, self.pos = out.past_key_values, self.pos + 1
+            ended = self._take(out.logits[:, -1, :], [self.rows[k] for k in self.batch])
             if ended:
                 return self._leave(ended)
+
+    def _widen(self) -> None:
+        """One more column in the batch's attention mask, for the token the next step feeds."""
+        self.attn = torch.cat([self.attn, torch.ones((len(self.batch), 1), dtype=self.attn.dtype, device=self.p.device)], 1)
+
+    def _take(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """Sample each row's next token from its logits row (all its ids were just fed); the
+        indices of the rows whose turn that ended."""
+        p = self.p
+        nxt = p._sample(logits, self.sp, self.gen)
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, nxt[:, None]).squeeze(-1)
+        ended = []
+        for i, (row, t, lp) in enumerate(zip(rows, nxt.tolist(), logp.tolist())):
+            row.cached = len(row.ids)
+            row.ids.append(t)
+            row.logprobs.append(lp)
+            row.reason = p._stopped(row.ids[row.start :], self.sp.stop, self.max_stop)
+            if not row.reason and len(row.ids) - row.start >= row.max_new:
+                row.reason = "length"
+            if row.reason:
+                ended.append(i)
+        return ended
 
     def _leave(self, ended: list[int]) -> list[tuple[int, Completion]]:
         """Cut the rows at batch positions ``ended`` out of the decode batch; their completions."""
@@ -446,7 +464,7 @@ class ContinuousScheduler:
             self.batch, self.past, self.attn, self.pos = [], None, None, None
         return done
 
-    def _join(self) -> None:
+    def _join(self) -> list:
         """Prefill the joining rows' new ids (all but the last, which the next decode step feeds),
         then add them to the decode batch."""
         p = self.p
@@ -461,6 +479,39 @@ class ContinuousScheduler:
                 r.cached = len(r.ids) - 1
         self._grow(sorted(self.joining))
         self.joining = set()
+        return []
+
+    def _join_packed(self) -> list[tuple[int, Completion]]:
+        """:meth:`_join` in one :func:`~agents.packed.packed_forward`: every joining row's new ids
+        side by side, without padding, and the decode batch's next step in the same forward (one
+        pass over the weights instead of two). Each joining row samples its first token there
+        too. Returns the completions of the rows whose turn ended with that token."""
+        fresh = [self.rows[k] for k in self.joining if self.rows[k].cached == 0]
+        self._share_prefix(fresh, forward=len(fresh) > 1)
+        keys, self.joining = sorted(self.joining), set()
+        new = [self.rows[k] for k in keys]
+        seqs = [Seq(r.ids[r.cached :], r.cached, r.layers if r.cached else None) for r in new]
+        batch, B = None, len(self.batch)
+        if B:
+            self._widen()
+            batch = Batch([self.rows[k].ids[-1] for k in self.batch], self.pos, self.past.layers, self.attn)
+        ends = (torch.tensor([len(q.ids) for q in seqs]).cumsum(0) + B - 1).tolist()
+        logits = packed_forward(self.p.model, seqs, batch, keep=list(range(B)) + ends)
+        for r, q in zip(new, seqs):
+            r.layers = q.layers
+        if fresh and self.prefix is None:  # a lone first episode: later ones reuse its template
+            self.prefix = (list(fresh[0].ids), fresh[0].layers)  # all its ids were just fed
+        if B:
+            self.pos = self.pos + 1
+        ended = self._take(logits, [self.rows[k] for k in self.batch] + new)
+        done = self._leave([i for i in ended if i < B]) if any(i < B for i in ended) else []
+        stopped = {i - B for i in ended if i >= B}  # a turn of one token: the row does not join
+        for i in sorted(stopped):
+            r = new[i]
+            done.append((keys[i], self.p._completion(r.ids[r.start :], r.logprobs, r.reason, self.sp.stop)))
+        if len(stopped) < len(keys):
+            self._grow([k for i, k in enumerate(keys) if i not in stopped])
+        return done
 
     def _grow(self, keys: list[int]) -> None:
         """Add rows (each with its own cache in ``layers``) to the decode batch: one new batch cache,
@@ -480,29 +531,29 @@ class ContinuousScheduler:
             r.layers = None
         self.batch = self.batch + keys
 
-    def _share_prefix(self, new: list[_Row]) -> None:
-        """Prefill once what new episodes share (the prompt template; a whole prompt for the G
-        samples of one question) and start each of them from it. The shared keys/values are kept
-        for the next new episodes, which usually share the template too."""
+    def _share_prefix(self, new: list[_Row], forward: bool = True) -> None:
+        """Start new episodes from the keys/values of what they share: the prompt template, or a
+        whole prompt for the G samples of one question. With ``forward``, a shared part not kept
+        yet is prefilled once first (the packed join skips that for a lone new episode: its
+        prompt goes into the packed forward as a whole). The shared keys/values are kept for the
+        next new episodes, which usually share the template too."""
         if not new:
             return
         shared = new[0].ids[:-1]
         for r in new[1:]:
             shared = shared[: _common(shared, r.ids[:-1])]
-        if len(shared) < _MIN_SHARED:
-            return
-        base = 0
-        if self.prefix is not None:
-            base = _common(self.prefix[0], shared)
-        if base < len(shared):
+        base = _common(self.prefix[0], shared) if self.prefix is not None else 0
+        if forward and len(shared) >= _MIN_SHARED and base < len(shared):
             p = self.p
             start = [(k[:, :base], v[:, :base]) for k, v in self.prefix[1]] if base else None
             past, ids, attn, pos = p._left_padded([start], [shared[base:]])
             out = p._forward(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True)
             self.prefix = (shared, p._row_layers(out.past_key_values, attn, 0))
-        layers = [(k[:, : len(shared)], v[:, : len(shared)]) for k, v in self.prefix[1]]
-        for r in new:
-            r.layers, r.cached = layers, len(shared)
+            base = len(shared)
+        if base >= _MIN_SHARED:
+            layers = [(k[:, :base], v[:, :base]) for k, v in self.prefix[1]]
+            for r in new:
+                r.layers, r.cached = layers, base
 
 
 _MIN_SHARED = 8  # shorter common prefixes are not worth a forward of their own

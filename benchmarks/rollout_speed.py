@@ -12,7 +12,9 @@ of ``dataset``), same batch size B, greedy, ``dtype`` (float32) on ``device`` (c
 (b) ``rollout``   - ``agents.rollout.rollout`` with a :class:`TransformersPolicy`, greedy,
     ``batch_size=B``, once per schedule in ``schedules`` (``continuous``: a row whose turn ends
     rejoins the batch as soon as its observation is in, and a finished episode's place goes to
-    the next question; ``lockstep``: one batched generate per turn). Counted: agent tokens only
+    the next question, its prefill packed into a decode step (``agents.packed``);
+    ``continuous/unpacked``: the same with separate, padded prefill forwards; ``lockstep``: one
+    batched generate per turn). Counted: agent tokens only
     (loss-mask 1); timed: the whole call (policy, env steps, retrieval, tokenising observations,
     bookkeeping).
 (c) ``policy``    - ``TransformersPolicy.generate`` on the same prompts in batches of B, forced
@@ -29,8 +31,9 @@ same number of tokens from the same prompts, and the ratio
 
 is the fraction of plain-generation throughput the multi-turn loop keeps (target >= 0.8).
 ``T`` can be fixed with ``new_tokens=N``. Every model forward is timed (a forward pre/post
-hook), split into prefill (input length > 1: tokens fed, padded slots) and decode steps (batch
-slots vs tokens that were kept), plus the time in observation tokenising and in the rest (env
+hook), split into prefill (input length > 1: tokens fed, padded slots), decode steps (batch
+slots vs tokens that were kept) and packed forwards (joining rows' tokens plus the decode
+batch's step, no padding), plus the time in observation tokenising and in the rest (env
 steps, retrieval, Python).
 
 A warm-up (a short ``model.generate`` and a short rollout) runs first; each measurement runs
@@ -67,6 +70,7 @@ class SpeedConfig:
     threads: int = 1  # torch threads; 0 = torch's default
     repeats: int = 1
     reuse_cache: bool = True  # TransformersPolicy keeps the KV cache between turns (false: re-prefill)
+    packed: bool = True  # continuous: joining rows prefilled inside a decode step (false: padded prefill forwards)
     out: str = ""  # default results/rollout_speed.json (small) or results/rollout_speed_<model>.json
 
 
@@ -90,6 +94,8 @@ class ForwardTimer:
         self.prefill_calls = self.decode_steps = 0
         self.prefill_slots = self.prefill_tokens = self.decode_slots = 0
         self.decode_ctx = []  # (kv length, seconds) per decode step
+        self.packed_s = 0.0
+        self.packed_calls = self.packed_tokens = self.packed_batch_rows = 0
 
     def _sync(self):
         if self.cuda:
@@ -107,7 +113,15 @@ class ForwardTimer:
         ids = kwargs.get("input_ids", args[0] if args else None)
         attn = kwargs.get("attention_mask")
         b, n = ids.shape
-        if n > 1:
+        plan = kwargs.get("webqa_packed")
+        if plan is not None:  # joining rows' new ids side by side, after the decode batch's tokens
+            rows = 0 if plan.batch is None else len(plan.batch.ids)
+            self.packed_s += dt
+            self.packed_calls += 1
+            self.packed_tokens += n
+            self.packed_batch_rows += rows
+            self.decode_slots += rows
+        elif n > 1:
             self.prefill_s += dt
             self.prefill_calls += 1
             self.prefill_slots += b * n
@@ -130,6 +144,10 @@ class ForwardTimer:
             "decode_slots": self.decode_slots,
             "ms_per_decode_step": round(1000 * self.decode_s / max(self.decode_steps, 1), 2),
             "mean_decode_context": round(sum(c for c, _ in ctx) / max(len(ctx), 1), 1),
+            "packed_seconds": round(self.packed_s, 3),
+            "packed_calls": self.packed_calls,
+            "packed_tokens": self.packed_tokens,  # fed: joining rows' ids + one per decode-batch row
+            "packed_batch_rows": self.packed_batch_rows,
         }
 
     def close(self):
@@ -258,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     schedules = [x.strip() for x in cfg.schedules.split(",") if x.strip()]
 
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    policy = TransformersPolicy(model, tok, **({} if cfg.reuse_cache else {"reuse_cache": False}))
+    policy = TransformersPolicy(model, tok, reuse_cache=cfg.reuse_cache, packed=cfg.packed)
     prompts = [policy.prompt_ids(make_env().reset(options={"question_id": q})[0]) for q in qids]
     chunks = [prompts[i : i + B] for i in range(0, E, B)]
     load0 = os.getloadavg()
@@ -273,11 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     def run_rollout(schedule):
         timer.reset()
         tp = TimedPolicy(policy)
+        name, _, variant = schedule.partition("/")
+        if variant not in ("", "unpacked"):
+            raise ValueError(f"schedule {schedule!r}: the only variant is 'continuous/unpacked'")
+        policy.packed = cfg.packed and variant != "unpacked"
         t = time.perf_counter()
         trajs = rollout(tp, make_env, [{"question_id": q} for q in qids], sampling=SamplingParams(temperature=0.0),
                         max_tokens_per_turn=cfg.max_tokens_per_turn, max_total_tokens=cfg.max_total_tokens,
-                        batch_size=B, schedule=schedule)
+                        batch_size=B, schedule=name)
         secs = time.perf_counter() - t
+        policy.packed = cfg.packed
         agent = sum(tr.num_agent_tokens for tr in trajs)
         obs_tokens = sum(len(tr.loss_mask) - tr.num_agent_tokens for tr in trajs)
         return {
@@ -354,13 +377,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmodel={cfg.model} B={B} episodes={E} T={T} threads={torch.get_num_threads()} prompts "
           f"{min(report['prompt_tokens'])}-{max(report['prompt_tokens'])} tokens, "
           f"load avg {report['loadavg_before'][0]} -> {report['loadavg_after'][0]}")
-    print(f"{'':26} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ratio':>6} {'prefill s':>9} {'decode s':>9} {'steps':>6} {'ms/step':>8} {'ctx':>7}")
+    print(f"{'':32} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ratio':>6} {'prefill s':>9} {'packed s':>9} {'decode s':>9} {'steps':>6} {'ms/step':>8} {'ctx':>7}")
     for label, r in rows:
-        print(f"{label:26} {r['tokens']:>7} {r['seconds']:>8.2f} {r['tokens_per_s']:>8.2f} {r['tokens_per_s'] / r_a['tokens_per_s']:>6.3f} "
-              f"{r['prefill_seconds']:>9.2f} {r['decode_seconds']:>9.2f} {r['decode_steps']:>6} {r['ms_per_decode_step']:>8.1f} {r['mean_decode_context']:>7.0f}")
+        print(f"{label:32} {r['tokens']:>7} {r['seconds']:>8.2f} {r['tokens_per_s']:>8.2f} {r['tokens_per_s'] / r_a['tokens_per_s']:>6.3f} "
+              f"{r['prefill_seconds']:>9.2f} {r['packed_seconds']:>9.2f} {r['decode_seconds']:>9.2f} {r['decode_steps']:>6} {r['ms_per_decode_step']:>8.1f} {r['mean_decode_context']:>7.0f}")
     for sch, r in r_b.items():
         print(f"rollout {sch}: {r['decode_slots']} decode slots for {r['tokens']} agent tokens, prefill {r['prefill_tokens']} tokens "
-              f"({r['prefill_padded_slots']} padded slots) in {r['prefill_calls']} calls, {r['observation_tokens']} observation tokens; "
+              f"({r['prefill_padded_slots']} padded slots) in {r['prefill_calls']} calls, packed {r['packed_tokens']} tokens in "
+              f"{r['packed_calls']} calls ({r['packed_batch_rows']} of them decode-batch rows), {r['observation_tokens']} observation tokens; "
               f"encode {r['encode_seconds']} s, env+other {r['env_and_other_seconds']} s, EM {r['em']:.3f}")
     print("ratio rollout/generate: " + ", ".join(f"{sch} {x:.3f}" for sch, x in ratios.items())
           + f"   policy/generate = {report['ratio_policy_over_generate']:.3f}")

@@ -147,9 +147,13 @@ def test_continuous_decode_steps_are_the_longest_episode_not_the_sum_of_turn_max
     """Lockstep turns last until their longest row stops; a continuous row never waits: with every
     episode under way at once, decode steps = the most agent tokens of one episode."""
     steps = []
-    hook = tiny.model.register_forward_pre_hook(
-        lambda m, a, kw: steps.append(1) if kw["input_ids"].shape[1] == 1 and kw.get("past_key_values") else None,
-        with_kwargs=True)
+    tiny.turn_scheduler(SamplingParams())  # its one-off model checks run before counting
+
+    def decode_step(m, a, kw):  # forwards that sample tokens: plain decode steps and packed joins
+        if (kw["input_ids"].shape[1] == 1 and kw.get("past_key_values")) or kw.get("webqa_packed"):
+            steps.append(1)
+
+    hook = tiny.model.register_forward_pre_hook(decode_step, with_kwargs=True)
     try:
         trajs = rollout(tiny, EchoEnv, [{}], group_size=4, max_tokens_per_turn=40, max_turns=5, schedule="continuous",
                         sampling=SamplingParams(temperature=1.0, seed=1, stop=("t",)))
@@ -241,20 +245,24 @@ def test_real_small_model_rollout_mask_and_ids():
         assert tr.prompt_ids[:3] == pol.prompt_ids("x")[:3]  # chat template applied
 
 
-def test_new_episodes_prefill_only_what_they_do_not_share(tiny):
+@pytest.mark.parametrize("packed", [True, False])
+def test_new_episodes_prefill_only_what_they_do_not_share(tiny, packed):
     """G samples of one question prefill their prompt once; a later question prefills only the
-    part after the template it shares with the earlier ones."""
+    part after the template it shares with the earlier ones. Packed joins feed the rest (each
+    copy's last prompt id; the later question's own part) in the forward that samples."""
+    pol = TransformersPolicy(tiny.model, tiny.tokenizer, packed=packed)
+    sched = pol.turn_scheduler(SamplingParams(temperature=0))
+    assert sched.packed == packed
     fed = []
     hook = tiny.model.register_forward_pre_hook(
         lambda m, a, kw: fed.append(tuple(kw["input_ids"].shape)) if kw["input_ids"].shape[1] > 1 else None,
         with_kwargs=True)
     try:
-        sched = tiny.turn_scheduler(SamplingParams(temperature=0))
         p1, p2 = tiny.prompt_ids("Question: who wrote Hamlet?"), tiny.prompt_ids("Question: where is Bath?")
         for k in range(4):
             sched.submit(k, p1, 3)
         first = sched.advance()
-        assert fed == [(1, len(p1) - 1)]  # one forward for the four copies
+        assert fed == [(1, len(p1) - 1)] + ([(1, 4)] if packed else [])  # one prefill for the four copies
         assert len({tuple(c.token_ids) for _, c in first}) == 1  # greedy: the same completion for each
         fed.clear()
         for k, _ in first:
@@ -262,7 +270,7 @@ def test_new_episodes_prefill_only_what_they_do_not_share(tiny):
         sched.submit(9, p2, 3)
         (key, c), = sched.advance()
         shared = next(i for i, (a, b) in enumerate(zip(p1, p2)) if a != b)
-        assert key == 9 and fed == [(1, len(p2) - 1 - shared)]
+        assert key == 9 and fed == [(1, len(p2) - shared - (0 if packed else 1))]
     finally:
         hook.remove()
     alone = TransformersPolicy(tiny.model, tiny.tokenizer).generate([p2], SamplingParams(temperature=0, max_new_tokens=3, stop=()))[0]
