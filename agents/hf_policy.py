@@ -22,6 +22,12 @@ weights change in place (tensor version counters) or the active adapter changes 
 yourself after swapping weights any other way. ``TransformersPolicy(..., reuse_cache=False)``
 turns reuse off.
 
+In a continuous rollout (:class:`ContinuousScheduler`) an episode whose observation is in is
+prefilled inside the decode batch's next step, its new ids laid after the batch's tokens in one
+unpadded forward (:mod:`agents.packed`): one pass over the weights serves both, and the joining
+episode samples its first token there. ``packed=False``, or a model that
+:func:`~agents.packed.packed_ok` refuses, prefills in separate padded forwards instead.
+
 Works with any causal LM in transformers, with or without a peft adapter, on CPU or GPU.
 """
 from __future__ import annotations

@@ -57,6 +57,7 @@ class _Plan:
     batch: Batch | None
     seqs: list[Seq]
     mask: torch.Tensor | None = None  # the batch's padding mask, [B, 1, 1, width]
+    causal: list = field(default_factory=list)  # per seq, its [n, cached + n] causal mask (made at the first layer)
     new: list[list] = field(default_factory=list)  # per seq, per layer (keys, values)
 
 
@@ -86,9 +87,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         kk, vv = k[:, s : s + n], v[:, s : s + n]
         if seq.layers:
             kk, vv = torch.cat([seq.layers[layer][0], kk], 1), torch.cat([seq.layers[layer][1], vv], 1)
-        c = kk.shape[1] - n
-        causal = torch.ones((n, c + n), dtype=torch.bool, device=q.device).tril(c)
-        out[s : s + n] = _sdpa(q[None, :, s : s + n], kk[None], vv[None], causal, scaling)[0].transpose(0, 1)
+        if len(plan.causal) <= j:
+            plan.causal.append(torch.ones((n, kk.shape[1]), dtype=torch.bool, device=q.device).tril(kk.shape[1] - n))
+        out[s : s + n] = _sdpa(q[None, :, s : s + n], kk[None], vv[None], plan.causal[j], scaling)[0].transpose(0, 1)
         plan.new[j].append((kk, vv))
         s += n
     return out[None], None
@@ -123,11 +124,13 @@ def packed_forward(model, seqs: list[Seq], batch: Batch | None = None, keep: lis
     Returns the logits ``[len(keep), vocab]`` at the packed positions ``keep`` (default: the
     batch's rows, or each sequence's last id when there is no batch). Updates the batch cache in
     place and every ``seq.layers``."""
+    if not seqs and batch is None:
+        raise ValueError("packed_forward() needs a batch or at least one sequence")
     device = next(model.parameters()).device
     ids, pos = [], []
     if batch is not None:
         ids += [int(x) for x in batch.ids]
-        pos += [int(x) for x in batch.pos]
+        pos += batch.pos.tolist()
     for seq in seqs:
         ids += [int(x) for x in seq.ids]
         pos += range(seq.start, seq.start + len(seq.ids))

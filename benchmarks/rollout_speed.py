@@ -37,7 +37,9 @@ batch's step, no padding), plus the time in observation tokenising and in the re
 steps, retrieval, Python).
 
 A warm-up (a short ``model.generate`` and a short rollout) runs first; each measurement runs
-once (``repeats`` to repeat and keep the best). The load average is recorded: the box may be shared.
+once; ``repeats=R`` runs R rounds of all of them, one after another (rollouts, generate,
+policy), so a slow spell of a shared box hits every measurement alike, and keeps each one's best
+(every round's seconds are in the JSON as ``round_seconds``). The load average is recorded.
 Writes ``out`` (JSON) and prints a table.
 """
 from __future__ import annotations
@@ -236,14 +238,12 @@ def hf_generate(model, prompts, pad_id, T):
     return out[:, ids.shape[1]:]
 
 
-def best_of(repeats, fn, label=""):
-    best = None
-    for _ in range(max(1, repeats)):
-        r = fn()
-        print(f"{label}: {r['tokens']} tokens in {r['seconds']:.1f} s", file=sys.stderr, flush=True)
-        if best is None or r["seconds"] < best["seconds"]:
-            best = r
-    return best
+def keep_best(best, r, label):
+    """``best`` (or None) and the new result ``r``: the faster, with every round's seconds."""
+    print(f"{label}: {r['tokens']} tokens in {r['seconds']:.1f} s", file=sys.stderr, flush=True)
+    rounds = (best or {}).get("round_seconds", []) + [r["seconds"]]
+    out = r if best is None or r["seconds"] < best["seconds"] else best
+    return {**out, "round_seconds": rounds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,8 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             **timer.stats(),
         }
 
-    r_b = {sch: best_of(cfg.repeats, lambda: run_rollout(sch), f"rollout {sch}") for sch in schedules}
-    T = cfg.new_tokens or max(1, round(r_b[schedules[0]]["tokens"] / E))
+    r_b, r_a, r_c, T = {sch: None for sch in schedules}, None, None, cfg.new_tokens
 
     # (a) plain model.generate, forced to T tokens per row, batches of B
     def run_generate():
@@ -346,11 +345,17 @@ def main(argv: list[str] | None = None) -> int:
         assert n == E * T, n
         return {"seconds": round(secs, 3), "tokens": n, "tokens_per_s": round(n / secs, 2), **timer.stats()}
 
-    r_a = best_of(cfg.repeats, run_generate, "model.generate")
-    r_c = best_of(cfg.repeats, run_policy, "policy.generate")
+    for _ in range(max(1, cfg.repeats)):
+        for sch in schedules:
+            r_b[sch] = keep_best(r_b[sch], run_rollout(sch), f"rollout {sch}")
+        T = T or max(1, round(r_b[schedules[0]]["tokens"] / E))
+        r_a = keep_best(r_a, run_generate(), "model.generate")
+        r_c = keep_best(r_c, run_policy(), "policy.generate")
     timer.close()
 
     ratios = {sch: round(r["tokens_per_s"] / r_a["tokens_per_s"], 3) for sch, r in r_b.items()}
+    per_round = {sch: [round(r["tokens"] * ga / (r_a["tokens"] * gb), 3) for gb, ga in zip(r["round_seconds"], r_a["round_seconds"])]
+                 for sch, r in r_b.items()}  # the ratio within each round
     report = {
         "config": asdict(SpeedConfig(**{k: getattr(cfg, k) for k in SpeedConfig.__dataclass_fields__})),
         "batch": B,
@@ -362,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         "policy_generate": r_c,
         "ratio_rollout_over_generate": ratios[schedules[0]],
         "ratios_rollout_over_generate": ratios,
+        "ratios_by_round": per_round,
         "ratio_policy_over_generate": round(r_c["tokens_per_s"] / r_a["tokens_per_s"], 3),
         "torch_threads": torch.get_num_threads(),
         "loadavg_before": [round(x, 2) for x in load0],
@@ -386,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({r['prefill_padded_slots']} padded slots) in {r['prefill_calls']} calls, packed {r['packed_tokens']} tokens in "
               f"{r['packed_calls']} calls ({r['packed_batch_rows']} of them decode-batch rows), {r['observation_tokens']} observation tokens; "
               f"encode {r['encode_seconds']} s, env+other {r['env_and_other_seconds']} s, EM {r['em']:.3f}")
-    print("ratio rollout/generate: " + ", ".join(f"{sch} {x:.3f}" for sch, x in ratios.items())
+    if cfg.repeats > 1:
+        print("ratio within each round: " + ", ".join(f"{sch} {per_round[sch]}" for sch in ratios))
+    print("ratio rollout/generate (best of each): " + ", ".join(f"{sch} {x:.3f}" for sch, x in ratios.items())
           + f"   policy/generate = {report['ratio_policy_over_generate']:.3f}")
     print(f"wrote {out_path}")
     return 0

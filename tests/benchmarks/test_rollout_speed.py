@@ -57,15 +57,24 @@ def test_benchmark_script_runs(tiny, tmp_path, capsys):
     tok.save_pretrained(tmp_path / "m")
     out = tmp_path / "speed.json"
     assert main([f"model={tmp_path / 'm'}", "batch_size=2", "episodes=3", "max_tokens_per_turn=8", "max_turns=2", "threads=0",
-                 f"out={out}"]) == 0
+                 "schedules=continuous,continuous/unpacked,lockstep", "repeats=2", f"out={out}"]) == 0
     rep = json.loads(out.read_text())
     assert rep["batch"] == 2 and rep["generate"]["tokens"] == 3 * rep["T"] == rep["policy_generate"]["tokens"]
-    assert set(rep["rollouts"]) == {"continuous", "lockstep"}
+    assert set(rep["rollouts"]) == {"continuous", "continuous/unpacked", "lockstep"}
     for r in rep["rollouts"].values():
         assert r["tokens"] == sum(r["episode_agent_tokens"]) > 0 and len(r["turns"]) == 3
+        assert len(r["round_seconds"]) == 2 and r["seconds"] == min(r["round_seconds"])
+    packed, unpacked = rep["rollouts"]["continuous"], rep["rollouts"]["continuous/unpacked"]
+    assert packed["episode_agent_tokens"] == unpacked["episode_agent_tokens"]  # greedy: the same episodes
+    assert packed["packed_calls"] > 0 and unpacked["packed_calls"] == 0
+    assert packed["prefill_calls"] < unpacked["prefill_calls"]
     assert rep["ratio_rollout_over_generate"] == rep["ratios_rollout_over_generate"]["continuous"] > 0
+    assert len(rep["ratios_by_round"]["continuous"]) == 2
     printed = capsys.readouterr().out
-    assert "ratio rollout/generate: continuous" in printed and "(b) rollout lockstep" in printed
+    assert "ratio rollout/generate (best of each): continuous" in printed and "(b) rollout lockstep" in printed
+    with pytest.raises(ValueError, match="continuous/unpacked"):
+        main([f"model={tmp_path / 'm'}", "batch_size=2", "episodes=2", "max_tokens_per_turn=4", "schedules=continuous/fast",
+              f"out={out}"])
 
 
 def test_cache_is_dropped_when_the_weights_change():
