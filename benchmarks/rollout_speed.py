@@ -18,7 +18,8 @@ of ``dataset``), same batch size B, greedy, ``dtype`` (float32) on ``device`` (c
     (loss-mask 1); timed: the whole call (policy, env steps, retrieval, tokenising observations,
     bookkeeping).
 (c) ``policy``    - ``TransformersPolicy.generate`` on the same prompts in batches of B, forced
-    to ``T`` tokens (no stop strings, EOS ignored): our decode loop against (a).
+    to ``T`` tokens (no stop strings, EOS ignored): our decode loop against (a)
+    (``policy_generate=false`` skips it).
 
 The comparison. A rollout's turns stop at action ends, so its rows generate different numbers
 of tokens, and its work also includes things plain generation does not have (prefilling the
@@ -73,6 +74,7 @@ class SpeedConfig:
     repeats: int = 1
     reuse_cache: bool = True  # TransformersPolicy keeps the KV cache between turns (false: re-prefill)
     packed: bool = True  # continuous: joining rows prefilled inside a decode step (false: padded prefill forwards)
+    policy_generate: bool = True  # also time (c); false skips it (it does not enter the rollout ratio)
     out: str = ""  # default results/rollout_speed.json (small) or results/rollout_speed_<model>.json
 
 
@@ -350,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             r_b[sch] = keep_best(r_b[sch], run_rollout(sch), f"rollout {sch}")
         T = T or max(1, round(r_b[schedules[0]]["tokens"] / E))
         r_a = keep_best(r_a, run_generate(), "model.generate")
-        r_c = keep_best(r_c, run_policy(), "policy.generate")
+        if cfg.policy_generate:
+            r_c = keep_best(r_c, run_policy(), "policy.generate")
     timer.close()
 
     ratios = {sch: round(r["tokens_per_s"] / r_a["tokens_per_s"], 3) for sch, r in r_b.items()}
@@ -368,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_rollout_over_generate": ratios[schedules[0]],
         "ratios_rollout_over_generate": ratios,
         "ratios_by_round": per_round,
-        "ratio_policy_over_generate": round(r_c["tokens_per_s"] / r_a["tokens_per_s"], 3),
+        "ratio_policy_over_generate": round(r_c["tokens_per_s"] / r_a["tokens_per_s"], 3) if r_c else None,
         "torch_threads": torch.get_num_threads(),
         "loadavg_before": [round(x, 2) for x in load0],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
@@ -379,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=1) + "\n")
 
-    rows = [("(a) model.generate", r_a)] + [(f"(b) rollout {sch}", r) for sch, r in r_b.items()] + [("(c) policy.generate", r_c)]
+    rows = [("(a) model.generate", r_a)] + [(f"(b) rollout {sch}", r) for sch, r in r_b.items()] + ([("(c) policy.generate", r_c)] if r_c else [])
     print(f"\nmodel={cfg.model} B={B} episodes={E} T={T} threads={torch.get_num_threads()} prompts "
           f"{min(report['prompt_tokens'])}-{max(report['prompt_tokens'])} tokens, "
           f"load avg {report['loadavg_before'][0]} -> {report['loadavg_after'][0]}")
@@ -395,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.repeats > 1:
         print("ratio within each round: " + ", ".join(f"{sch} {per_round[sch]}" for sch in ratios))
     print("ratio rollout/generate (best of each): " + ", ".join(f"{sch} {x:.3f}" for sch, x in ratios.items())
-          + f"   policy/generate = {report['ratio_policy_over_generate']:.3f}")
+          + (f"   policy/generate = {report['ratio_policy_over_generate']:.3f}" if r_c else ""))
     print(f"wrote {out_path}")
     return 0
 
