@@ -73,8 +73,8 @@ def test_benchmark_script_runs(tiny, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ratio rollout/generate (best of each): continuous" in printed and "(b) rollout lockstep" in printed
     with pytest.raises(ValueError, match="continuous/unpacked"):
-        main([f"model={tmp_path / 'm'}", "batch_size=2", "episodes=2", "max_tokens_per_turn=4", "schedules=continuous/fast",
-              f"out={out}"])
+        main([f"model={tmp_path / 'm'}", "batch_size=2", "episodes=2", "max_tokens_per_turn=4", "threads=0",
+              "schedules=continuous/fast", f"out={out}"])
 
 
 def test_cache_is_dropped_when_the_weights_change():
