@@ -501,8 +501,7 @@ class ContinuousScheduler:
         if B:
             self._widen()
             batch = Batch([self.rows[k].ids[-1] for k in self.batch], self.pos, self.past.layers, self.attn)
-        ends = (torch.tensor([len(q.ids) for q in seqs]).cumsum(0) + B - 1).tolist()
-        logits = packed_forward(self.p.model, seqs, batch, keep=list(range(B)) + ends)
+        logits = packed_forward(self.p.model, seqs, batch)  # the batch's rows, then each joiner's last id
         for r, q in zip(new, seqs):
             r.layers = q.layers
         if fresh and self.prefix is None:  # a lone first episode: later ones reuse its template

@@ -122,8 +122,8 @@ def _switched(model):
 def packed_forward(model, seqs: list[Seq], batch: Batch | None = None, keep: list[int] | None = None) -> torch.Tensor:
     """One forward over the batch's new tokens (first) and each sequence's new ids (after).
     Returns the logits ``[len(keep), vocab]`` at the packed positions ``keep`` (default: the
-    batch's rows, or each sequence's last id when there is no batch). Updates the batch cache in
-    place and every ``seq.layers``."""
+    batch's rows, then each sequence's last id). Updates the batch cache in place and every
+    ``seq.layers``."""
     if not seqs and batch is None:
         raise ValueError("packed_forward() needs a batch or at least one sequence")
     device = next(model.parameters()).device
@@ -135,11 +135,9 @@ def packed_forward(model, seqs: list[Seq], batch: Batch | None = None, keep: lis
         ids += [int(x) for x in seq.ids]
         pos += range(seq.start, seq.start + len(seq.ids))
     if keep is None:
-        if batch is not None:
-            keep = list(range(len(batch.ids)))
-        else:
-            ends = torch.tensor([len(s.ids) for s in seqs]).cumsum(0) - 1
-            keep = ends.tolist()
+        keep = list(range(len(batch.ids) if batch is not None else 0))
+        for seq in seqs:
+            keep.append((keep[-1] if keep else -1) + len(seq.ids))
     plan = _Plan(batch, seqs, new=[[] for _ in seqs])
     if batch is not None:
         plan.mask = batch.attn.to(device=device, dtype=torch.bool)[:, None, None, :]
@@ -168,7 +166,7 @@ def packed_ok(model) -> bool:
         head = model(input_ids=torch.tensor([ids[:2]], device=device), use_cache=True).past_key_values
         seq = Seq(ids[2:], 2, [(layer.keys[0], layer.values[0]) for layer in head.layers])
         batch = Batch([ids[5]], torch.tensor([5]), list(past.layers), torch.ones((1, 6), device=device))
-        logits = packed_forward(model, [seq], batch, keep=[0, 4])
+        logits = packed_forward(model, [seq], batch)  # the decode row, then the sequence's last id
     except (NotImplementedError, RuntimeError, TypeError, ValueError, AttributeError, KeyError):
         return False
     got = torch.log_softmax(logits.float(), -1)

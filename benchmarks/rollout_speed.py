@@ -276,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     qids = [q["id"] for q in probe.questions[: cfg.episodes or 2 * B]]
     E = len(qids)
     schedules = [x.strip() for x in cfg.schedules.split(",") if x.strip()]
+    for sch in schedules:
+        if sch.partition("/")[2] not in ("", "unpacked"):
+            raise ValueError(f"schedule {sch!r}: the only variant is 'continuous/unpacked'")
 
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     policy = TransformersPolicy(model, tok, reuse_cache=cfg.reuse_cache, packed=cfg.packed)
@@ -294,15 +297,12 @@ def main(argv: list[str] | None = None) -> int:
         timer.reset()
         tp = TimedPolicy(policy)
         name, _, variant = schedule.partition("/")
-        if variant not in ("", "unpacked"):
-            raise ValueError(f"schedule {schedule!r}: the only variant is 'continuous/unpacked'")
         policy.packed = cfg.packed and variant != "unpacked"
         t = time.perf_counter()
         trajs = rollout(tp, make_env, [{"question_id": q} for q in qids], sampling=SamplingParams(temperature=0.0),
                         max_tokens_per_turn=cfg.max_tokens_per_turn, max_total_tokens=cfg.max_total_tokens,
                         batch_size=B, schedule=name)
         secs = time.perf_counter() - t
-        policy.packed = cfg.packed
         agent = sum(tr.num_agent_tokens for tr in trajs)
         obs_tokens = sum(len(tr.loss_mask) - tr.num_agent_tokens for tr in trajs)
         return {
