@@ -169,9 +169,16 @@ def packed_ok(model) -> bool:
         logits = packed_forward(model, [seq], batch)  # the decode row, then the sequence's last id
     except (NotImplementedError, RuntimeError, TypeError, ValueError, AttributeError, KeyError):
         return False
-    got = torch.log_softmax(logits.float(), -1)
-    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.15
-    return bool((got - full).abs().max() <= tol) and seq.layers[0][0].shape[1] == 6
+    diff = (torch.log_softmax(logits.float(), -1) - full).abs()
+    if next(model.parameters()).dtype == torch.float32:
+        close = diff.max() <= 1e-3
+    else:  # bf16/fp16 rounding, measured on the student in bf16: max 0.17, mean 0.026 where right;
+        # an off-by-one position gives max 1.2+, mean 0.2+, a wrong mask max 1.5+, mean 0.28+
+        close = diff.max() <= _LOW_MAX and diff.mean(-1).max() <= _LOW_MEAN
+    return bool(close) and seq.layers[0][0].shape[1] == 6
+
+
+_LOW_MAX, _LOW_MEAN = 0.5, 0.08  # packed_ok's bounds on |log p| differences below float32
 
 
 _register()

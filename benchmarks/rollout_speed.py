@@ -31,7 +31,15 @@ same number of tokens from the same prompts, and the ratio
     rollout / generate = (agent tokens / rollout seconds) / (episodes*T / generate seconds)
 
 is the fraction of plain-generation throughput the multi-turn loop keeps (target >= 0.8).
-``T`` can be fixed with ``new_tokens=N``. Every model forward is timed (a forward pre/post
+``T`` can be fixed with ``new_tokens=N``.
+
+Plain generation has no drain: every row makes T tokens. A rollout of E > B episodes runs B at
+a time until the last one starts (the queue is empty), then drains: the last episodes decode
+with fewer and fewer rows, and no episode can finish faster than its own turns one after
+another (``longest_episode_tokens``). So each continuous rollout also reports its tokens and
+seconds up to the moment the queue empties (``steady_tokens_per_s``; ``steady_ratios_by_round``
+against generate in the same round) and the drain after it. The headline ratio is the whole
+run's. Every model forward is timed (a forward pre/post
 hook), split into prefill (input length > 1: tokens fed, padded slots), decode steps (batch
 slots vs tokens that were kept) and packed forwards (joining rows' tokens plus the decode
 batch's step, no padding), plus the time in observation tokenising and in the rest (env
@@ -162,9 +170,21 @@ class ForwardTimer:
 class TimedScheduler:
     def __init__(self, sched, owner):
         self.s, self.o = sched, owner
+        self.started: set = set()
 
     def __getattr__(self, name):
         return getattr(self.s, name)
+
+    def submit(self, key, ids, max_new_tokens, context=None):
+        if key not in self.started:
+            self.started.add(key)
+            if len(self.started) == self.o.episodes and self.o.episodes > self.o.batch:
+                # the last episode starts: the queue is empty and the drain begins. Sampled so
+                # far: the turns returned, plus the ids of the turns under way in the batch.
+                rows, batch = self.s.rows, set(self.s.batch)
+                live = sum(len(r.ids) - r.start for k, r in rows.items() if k in batch)
+                self.o.queue_empty = (time.perf_counter() - self.o.t0, sum(map(sum, self.o.completions)) + live)
+        return self.s.submit(key, ids, max_new_tokens, context)
 
     def advance(self):
         t = time.perf_counter()
@@ -179,8 +199,10 @@ class TimedPolicy:
     """A policy proxy that times ``generate`` (or its turn scheduler's ``advance``) and
     ``encode`` (observation tokenising)."""
 
-    def __init__(self, policy):
+    def __init__(self, policy, episodes: int = 0, batch: int = 0):
         self.p = policy
+        self.episodes, self.batch = episodes, batch  # for the time the queue empties (TimedScheduler)
+        self.t0, self.queue_empty = time.perf_counter(), None
         self.generate_s = self.encode_s = 0.0
         self.generate_calls = 0
         self.completions = []
@@ -245,7 +267,10 @@ def keep_best(best, r, label):
     print(f"{label}: {r['tokens']} tokens in {r['seconds']:.1f} s", file=sys.stderr, flush=True)
     rounds = (best or {}).get("round_seconds", []) + [r["seconds"]]
     out = r if best is None or r["seconds"] < best["seconds"] else best
-    return {**out, "round_seconds": rounds}
+    out = {**out, "round_seconds": rounds}
+    if "steady_tokens_per_s" in r:
+        out["round_steady_tokens_per_s"] = (best or {}).get("round_steady_tokens_per_s", []) + [r["steady_tokens_per_s"]]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,16 +320,22 @@ def main(argv: list[str] | None = None) -> int:
     # (b) the rollout, natural (stops at action ends), greedy
     def run_rollout(schedule):
         timer.reset()
-        tp = TimedPolicy(policy)
+        tp = TimedPolicy(policy, E, B)
         name, _, variant = schedule.partition("/")
         policy.packed = cfg.packed and variant != "unpacked"
-        t = time.perf_counter()
+        t = tp.t0 = time.perf_counter()
         trajs = rollout(tp, make_env, [{"question_id": q} for q in qids], sampling=SamplingParams(temperature=0.0),
                         max_tokens_per_turn=cfg.max_tokens_per_turn, max_total_tokens=cfg.max_total_tokens,
                         batch_size=B, schedule=name)
         secs = time.perf_counter() - t
         agent = sum(tr.num_agent_tokens for tr in trajs)
         obs_tokens = sum(len(tr.loss_mask) - tr.num_agent_tokens for tr in trajs)
+        steady = {}
+        if tp.queue_empty:  # continuous schedules: until the last episode starts, then the drain
+            qs, qt = tp.queue_empty
+            steady = {"queue_empty_seconds": round(qs, 3), "queue_empty_tokens": qt,
+                      "steady_tokens_per_s": round(qt / qs, 2) if qs > 0 else None,
+                      "drain_seconds": round(secs - qs, 3), "drain_tokens": agent - qt}
         return {
             "schedule": schedule,
             "seconds": round(secs, 3),
@@ -319,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             "encode_seconds": round(tp.encode_s, 3),
             "env_and_other_seconds": round(secs - tp.generate_s - tp.encode_s, 3),
             "em": sum(tr.em for tr in trajs) / E,
+            "longest_episode_tokens": max(tr.num_agent_tokens for tr in trajs),
+            **steady,
             **timer.stats(),
         }
 
@@ -359,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {sch: round(r["tokens_per_s"] / r_a["tokens_per_s"], 3) for sch, r in r_b.items()}
     per_round = {sch: [round(r["tokens"] * ga / (r_a["tokens"] * gb), 3) for gb, ga in zip(r["round_seconds"], r_a["round_seconds"])]
                  for sch, r in r_b.items()}  # the ratio within each round
+    steady = {sch: [round(x * ga / r_a["tokens"], 3) for x, ga in zip(r["round_steady_tokens_per_s"], r_a["round_seconds"])]
+              for sch, r in r_b.items() if r.get("round_steady_tokens_per_s")}  # until the queue empties, per round
     report = {
         "config": asdict(SpeedConfig(**{k: getattr(cfg, k) for k in SpeedConfig.__dataclass_fields__})),
         "batch": B,
@@ -371,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_rollout_over_generate": ratios[schedules[0]],
         "ratios_rollout_over_generate": ratios,
         "ratios_by_round": per_round,
+        "steady_ratios_by_round": steady,
         "ratio_policy_over_generate": round(r_c["tokens_per_s"] / r_a["tokens_per_s"], 3) if r_c else None,
         "torch_threads": torch.get_num_threads(),
         "loadavg_before": [round(x, 2) for x in load0],
@@ -395,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
               f"({r['prefill_padded_slots']} padded slots) in {r['prefill_calls']} calls, packed {r['packed_tokens']} tokens in "
               f"{r['packed_calls']} calls ({r['packed_batch_rows']} of them decode-batch rows), {r['observation_tokens']} observation tokens; "
               f"encode {r['encode_seconds']} s, env+other {r['env_and_other_seconds']} s, EM {r['em']:.3f}")
+    for sch, r in r_b.items():
+        if "drain_seconds" in r:
+            print(f"rollout {sch}: until the queue empties {r['queue_empty_tokens']} tokens in {r['queue_empty_seconds']} s "
+                  f"({r['steady_tokens_per_s']} tok/s, ratio {steady[sch][-1] if len(steady[sch]) == 1 else steady[sch]}), "
+                  f"then the drain: {r['drain_tokens']} tokens in {r['drain_seconds']} s; longest episode {r['longest_episode_tokens']} tokens")
     if cfg.repeats > 1:
         print("ratio within each round: " + ", ".join(f"{sch} {per_round[sch]}" for sch in ratios))
     print("ratio rollout/generate (best of each): " + ", ".join(f"{sch} {x:.3f}" for sch, x in ratios.items())

@@ -102,3 +102,32 @@ def test_a_joining_row_whose_turn_ends_at_its_first_token_does_not_join():
     for k, (p, n) in {0: (prompts[0], 5), 1: (prompts[1], 1), 2: (policy.prompt_ids("another"), 3)}.items():
         alone = plain.generate([p], SamplingParams(temperature=0, max_new_tokens=n, stop=()))[0]
         assert rest[k].token_ids == alone.token_ids and rest[k].logprobs == pytest.approx(alone.logprobs, abs=1e-4), k
+
+
+@pytest.mark.slow
+def test_packed_ok_in_bfloat16_accepts_rounding_and_refuses_a_wrong_position(monkeypatch):
+    """Below float32 the check allows rounding (bf16 on the student: max 0.17 where right) but
+    still tells a wrong position or mask (max 1.2 and more). Tiny random models cannot show this
+    (their logits barely depend on context), so the embedded small model does."""
+    from agents import packed
+    from agents.models import MissingModelPackage, load_model
+
+    try:
+        model, _ = load_model("small", dtype="bfloat16")
+    except MissingModelPackage as exc:
+        pytest.skip(str(exc))
+    assert packed_ok(model)
+    right = packed.packed_forward
+
+    def shifted(m, seqs, batch=None, keep=None):  # the joining sequence one position too far
+        for s in seqs:
+            s.start += 1
+        return right(m, seqs, batch, keep)
+
+    def unmasked(m, seqs, batch=None, keep=None):  # the decode row loses its first key
+        batch.attn[:, 0] = 0
+        return right(m, seqs, batch, keep)
+
+    for wrong in (shifted, unmasked):
+        monkeypatch.setattr(packed, "packed_forward", wrong)
+        assert not packed_ok(model), wrong.__name__

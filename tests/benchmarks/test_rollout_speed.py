@@ -70,8 +70,16 @@ def test_benchmark_script_runs(tiny, tmp_path, capsys):
     assert packed["prefill_calls"] < unpacked["prefill_calls"]
     assert rep["ratio_rollout_over_generate"] == rep["ratios_rollout_over_generate"]["continuous"] > 0
     assert len(rep["ratios_by_round"]["continuous"]) == 2
+    for sch in ("continuous", "continuous/unpacked"):  # 3 episodes, 2 places: the third starts when one ends
+        r, eat = rep["rollouts"][sch], rep["rollouts"][sch]["episode_agent_tokens"]
+        assert min(eat[:2]) <= r["queue_empty_tokens"] <= r["tokens"] - eat[2]
+        assert r["drain_tokens"] == r["tokens"] - r["queue_empty_tokens"]
+        assert 0 < r["queue_empty_seconds"] < r["seconds"] and r["drain_seconds"] > 0
+        assert r["longest_episode_tokens"] == max(eat) and len(rep["steady_ratios_by_round"][sch]) == 2
+    assert "queue_empty_tokens" not in rep["rollouts"]["lockstep"] and "lockstep" not in rep["steady_ratios_by_round"]
     printed = capsys.readouterr().out
     assert "ratio rollout/generate (best of each): continuous" in printed and "(b) rollout lockstep" in printed
+    assert "rollout continuous: until the queue empties" in printed
     with pytest.raises(ValueError, match="continuous/unpacked"):
         main([f"model={tmp_path / 'm'}", "batch_size=2", "episodes=2", "max_tokens_per_turn=4", "threads=0",
               "schedules=continuous/fast", f"out={out}"])
