@@ -39,11 +39,12 @@ with fewer and fewer rows, and no episode can finish faster than its own turns o
 another (``longest_episode_tokens``). So each continuous rollout also reports its tokens and
 seconds up to the moment the queue empties (``steady_tokens_per_s``; ``steady_ratios_by_round``
 against generate in the same round) and the drain after it. The headline ratio is the whole
-run's. Every model forward is timed (a forward pre/post
-hook), split into prefill (input length > 1: tokens fed, padded slots), decode steps (batch
-slots vs tokens that were kept) and packed forwards (joining rows' tokens plus the decode
-batch's step, no padding), plus the time in observation tokenising and in the rest (env
-steps, retrieval, Python).
+run's.
+
+Every model forward is timed (a forward pre/post hook), split into prefill (input length > 1:
+tokens fed, padded slots), decode steps (batch slots vs tokens that were kept) and packed
+forwards (joining rows' tokens plus the decode batch's step, no padding), plus the time in
+observation tokenising and in the rest (env steps, retrieval, Python).
 
 A warm-up (a short ``model.generate`` and a short rollout) runs first; each measurement runs
 once; ``repeats=R`` runs R rounds of all of them, one after another (rollouts, generate,
@@ -265,11 +266,10 @@ def hf_generate(model, prompts, pad_id, T):
 def keep_best(best, r, label):
     """``best`` (or None) and the new result ``r``: the faster, with every round's seconds."""
     print(f"{label}: {r['tokens']} tokens in {r['seconds']:.1f} s", file=sys.stderr, flush=True)
-    rounds = (best or {}).get("round_seconds", []) + [r["seconds"]]
-    out = r if best is None or r["seconds"] < best["seconds"] else best
-    out = {**out, "round_seconds": rounds}
-    if "steady_tokens_per_s" in r:
-        out["round_steady_tokens_per_s"] = (best or {}).get("round_steady_tokens_per_s", []) + [r["steady_tokens_per_s"]]
+    out = dict(r if best is None or r["seconds"] < best["seconds"] else best)
+    for key in ("seconds", "steady_tokens_per_s"):  # every round's, as round_<key>
+        if key in r:
+            out[f"round_{key}"] = (best or {}).get(f"round_{key}", []) + [r[key]]
     return out
 
 
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         if tp.queue_empty:  # continuous schedules: until the last episode starts, then the drain
             qs, qt = tp.queue_empty
             steady = {"queue_empty_seconds": round(qs, 3), "queue_empty_tokens": qt,
-                      "steady_tokens_per_s": round(qt / qs, 2) if qs > 0 else None,
+                      "steady_tokens_per_s": round(qt / qs, 2),
                       "drain_seconds": round(secs - qs, 3), "drain_tokens": agent - qt}
         return {
             "schedule": schedule,
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     for sch, r in r_b.items():
         if "drain_seconds" in r:
             print(f"rollout {sch}: until the queue empties {r['queue_empty_tokens']} tokens in {r['queue_empty_seconds']} s "
-                  f"({r['steady_tokens_per_s']} tok/s, ratio {steady[sch][-1] if len(steady[sch]) == 1 else steady[sch]}), "
+                  f"({r['steady_tokens_per_s']} tok/s, ratio per round {steady[sch]}), "
                   f"then the drain: {r['drain_tokens']} tokens in {r['drain_seconds']} s; longest episode {r['longest_episode_tokens']} tokens")
     if cfg.repeats > 1:
         print("ratio within each round: " + ", ".join(f"{sch} {per_round[sch]}" for sch in ratios))
