@@ -47,10 +47,19 @@ forwards (joining rows' tokens plus the decode batch's step, no padding), plus t
 observation tokenising and in the rest (env steps, retrieval, Python).
 
 A warm-up (a short ``model.generate`` and a short rollout) runs first; each measurement runs
-once; ``repeats=R`` runs R rounds of all of them, one after another (rollouts, generate,
-policy), so a slow spell of a shared box hits every measurement alike, and keeps each one's best
-(every round's seconds are in the JSON as ``round_seconds``). The load average is recorded.
-Writes ``out`` (JSON) and prints a table.
+once; ``repeats=R`` runs R rounds of all of them (rollouts, generate, policy) and keeps each
+one's best (every round's seconds and tokens are in the JSON as ``round_seconds`` and
+``round_tokens``). The load average is recorded. Writes ``out`` (JSON) and prints a table.
+
+A shared box drifts: the same forward can take 15-30% longer a few minutes later, which is
+the size of the effect measured. So from round 2 on (``interleave=true``, the default), when T
+and the rollout's length are known, (a) does not run after the rollout but inside it: its
+B-row batches run one at a time between the scheduler calls of the first schedule's rollout,
+spread evenly over the time that rollout took in the round before, and their time is taken off
+the rollout's clock (batches not yet due at the end run after it). Both then see the same
+spells, and the ratio within those rounds (``ratios_by_round``, ``rounds_interleaved``) is a
+paired measurement; ``ratio_interleaved_rounds`` pools them (tokens over seconds, summed over
+the interleaved rounds). Round 1 runs each measurement in turn.
 """
 from __future__ import annotations
 
@@ -84,7 +93,19 @@ class SpeedConfig:
     reuse_cache: bool = True  # TransformersPolicy keeps the KV cache between turns (false: re-prefill)
     packed: bool = True  # continuous: joining rows prefilled inside a decode step (false: padded prefill forwards)
     policy_generate: bool = True  # also time (c); false skips it (it does not enter the rollout ratio)
+    interleave: bool = True  # from round 2, (a)'s batches run spread over the first schedule's rollout
     out: str = ""  # default results/rollout_speed.json (small) or results/rollout_speed_<model>.json
+
+
+class Counts:
+    """What :class:`ForwardTimer` counts: forwards and their seconds, by kind."""
+
+    def __init__(self):
+        self.prefill_s = self.decode_s = self.packed_s = 0.0
+        self.prefill_calls = self.decode_steps = 0
+        self.prefill_slots = self.prefill_tokens = self.decode_slots = 0
+        self.decode_ctx = []  # (kv length, seconds) per decode step
+        self.packed_calls = self.packed_tokens = self.packed_batch_rows = 0
 
 
 class ForwardTimer:
@@ -103,12 +124,17 @@ class ForwardTimer:
         ]
 
     def reset(self):
-        self.prefill_s = self.decode_s = 0.0
-        self.prefill_calls = self.decode_steps = 0
-        self.prefill_slots = self.prefill_tokens = self.decode_slots = 0
-        self.decode_ctx = []  # (kv length, seconds) per decode step
-        self.packed_s = 0.0
-        self.packed_calls = self.packed_tokens = self.packed_batch_rows = 0
+        self.c = Counts()
+
+    @contextmanager
+    def counting(self, counts: Counts):
+        """Count the forwards inside the block into ``counts`` instead (generate's batches run
+        in between a rollout's steps)."""
+        saved, self.c = self.c, counts
+        try:
+            yield
+        finally:
+            self.c = saved
 
     def _sync(self):
         if self.cuda:
@@ -126,41 +152,43 @@ class ForwardTimer:
         ids = kwargs.get("input_ids", args[0] if args else None)
         attn = kwargs.get("attention_mask")
         b, n = ids.shape
+        c = self.c
         plan = kwargs.get("webqa_packed")
         if plan is not None:  # joining rows' new ids side by side, after the decode batch's tokens
             rows = 0 if plan.batch is None else len(plan.batch.ids)
-            self.packed_s += dt
-            self.packed_calls += 1
-            self.packed_tokens += n
-            self.packed_batch_rows += rows
-            self.decode_slots += rows
+            c.packed_s += dt
+            c.packed_calls += 1
+            c.packed_tokens += n
+            c.packed_batch_rows += rows
+            c.decode_slots += rows
         elif n > 1:
-            self.prefill_s += dt
-            self.prefill_calls += 1
-            self.prefill_slots += b * n
-            self.prefill_tokens += int(attn[:, -n:].sum()) if attn is not None else b * n  # new tokens only
+            c.prefill_s += dt
+            c.prefill_calls += 1
+            c.prefill_slots += b * n
+            c.prefill_tokens += int(attn[:, -n:].sum()) if attn is not None else b * n  # new tokens only
         else:
-            self.decode_s += dt
-            self.decode_steps += 1
-            self.decode_slots += b
-            self.decode_ctx.append((int(attn.shape[1]) if attn is not None else -1, dt))
+            c.decode_s += dt
+            c.decode_steps += 1
+            c.decode_slots += b
+            c.decode_ctx.append((int(attn.shape[1]) if attn is not None else -1, dt))
 
-    def stats(self) -> dict:
-        ctx = self.decode_ctx
+    def stats(self, c: Counts | None = None) -> dict:
+        c = c or self.c
+        ctx = c.decode_ctx
         return {
-            "prefill_seconds": round(self.prefill_s, 3),
-            "prefill_calls": self.prefill_calls,
-            "prefill_tokens": self.prefill_tokens,
-            "prefill_padded_slots": self.prefill_slots,
-            "decode_seconds": round(self.decode_s, 3),
-            "decode_steps": self.decode_steps,
-            "decode_slots": self.decode_slots,
-            "ms_per_decode_step": round(1000 * self.decode_s / max(self.decode_steps, 1), 2),
-            "mean_decode_context": round(sum(c for c, _ in ctx) / max(len(ctx), 1), 1),
-            "packed_seconds": round(self.packed_s, 3),
-            "packed_calls": self.packed_calls,
-            "packed_tokens": self.packed_tokens,  # fed: joining rows' ids + one per decode-batch row
-            "packed_batch_rows": self.packed_batch_rows,
+            "prefill_seconds": round(c.prefill_s, 3),
+            "prefill_calls": c.prefill_calls,
+            "prefill_tokens": c.prefill_tokens,
+            "prefill_padded_slots": c.prefill_slots,
+            "decode_seconds": round(c.decode_s, 3),
+            "decode_steps": c.decode_steps,
+            "decode_slots": c.decode_slots,
+            "ms_per_decode_step": round(1000 * c.decode_s / max(c.decode_steps, 1), 2),
+            "mean_decode_context": round(sum(n for n, _ in ctx) / max(len(ctx), 1), 1),
+            "packed_seconds": round(c.packed_s, 3),
+            "packed_calls": c.packed_calls,
+            "packed_tokens": c.packed_tokens,  # fed: joining rows' ids + one per decode-batch row
+            "packed_batch_rows": c.packed_batch_rows,
         }
 
     def close(self):
@@ -184,7 +212,7 @@ class TimedScheduler:
                 # far: the turns returned, plus the ids of the turns under way in the batch.
                 rows, batch = self.s.rows, set(self.s.batch)
                 live = sum(len(r.ids) - r.start for k, r in rows.items() if k in batch)
-                self.o.queue_empty = (time.perf_counter() - self.o.t0, sum(map(sum, self.o.completions)) + live)
+                self.o.queue_empty = (self.o.elapsed(), sum(map(sum, self.o.completions)) + live)
         return self.s.submit(key, ids, max_new_tokens, context)
 
     def advance(self):
@@ -193,6 +221,7 @@ class TimedScheduler:
         self.o.generate_s += time.perf_counter() - t
         self.o.generate_calls += 1
         self.o.completions.append([len(c.token_ids) for _, c in out])
+        self.o.between()
         return out
 
 
@@ -200,16 +229,33 @@ class TimedPolicy:
     """A policy proxy that times ``generate`` (or its turn scheduler's ``advance``) and
     ``encode`` (observation tokenising)."""
 
-    def __init__(self, policy, episodes: int = 0, batch: int = 0):
+    def __init__(self, policy, episodes: int = 0, batch: int = 0, interleave=None):
         self.p = policy
         self.episodes, self.batch = episodes, batch  # for the time the queue empties (TimedScheduler)
         self.t0, self.queue_empty = time.perf_counter(), None
-        self.generate_s = self.encode_s = 0.0
+        self.generate_s = self.encode_s = self.paused_s = 0.0
         self.generate_calls = 0
         self.completions = []
+        self.interleave = interleave  # (seconds, [jobs]): job k runs once the rollout's own time passes seconds[k]
 
     def __getattr__(self, name):
         return getattr(self.p, name)
+
+    def elapsed(self) -> float:
+        """Seconds since ``t0``, less the time spent in interleaved jobs."""
+        return time.perf_counter() - self.t0 - self.paused_s
+
+    def between(self) -> None:
+        """Between two scheduler calls (or lockstep turns): run the interleaved jobs now due,
+        off the rollout's clock."""
+        if not self.interleave:
+            return
+        at, jobs = self.interleave
+        while jobs and self.elapsed() >= at[0]:
+            t = time.perf_counter()
+            at.pop(0)
+            jobs.pop(0)()
+            self.paused_s += time.perf_counter() - t
 
     def generate(self, prompts, sampling, contexts=None):
         t = time.perf_counter()
@@ -217,6 +263,7 @@ class TimedPolicy:
         self.generate_s += time.perf_counter() - t
         self.generate_calls += 1
         self.completions.append([len(c.token_ids) for c in out])
+        self.between()
         return out
 
     def turn_scheduler(self, sampling):
@@ -267,7 +314,7 @@ def keep_best(best, r, label):
     """``best`` (or None) and the new result ``r``: the faster, with every round's seconds."""
     print(f"{label}: {r['tokens']} tokens in {r['seconds']:.1f} s", file=sys.stderr, flush=True)
     out = dict(r if best is None or r["seconds"] < best["seconds"] else best)
-    for key in ("seconds", "steady_tokens_per_s"):  # every round's, as round_<key>
+    for key in ("seconds", "tokens", "steady_tokens_per_s"):  # every round's, as round_<key>
         if key in r:
             out[f"round_{key}"] = (best or {}).get(f"round_{key}", []) + [r[key]]
     return out
@@ -318,16 +365,19 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens_per_turn=8, batch_size=B)
 
     # (b) the rollout, natural (stops at action ends), greedy
-    def run_rollout(schedule):
+    def run_rollout(schedule, interleave=None):
+        """One rollout; ``interleave`` (times, jobs) runs the jobs in between its steps, off its clock."""
         timer.reset()
-        tp = TimedPolicy(policy, E, B)
+        tp = TimedPolicy(policy, E, B, interleave)
         name, _, variant = schedule.partition("/")
         policy.packed = cfg.packed and variant != "unpacked"
-        t = tp.t0 = time.perf_counter()
+        tp.t0 = time.perf_counter()
         trajs = rollout(tp, make_env, [{"question_id": q} for q in qids], sampling=SamplingParams(temperature=0.0),
                         max_tokens_per_turn=cfg.max_tokens_per_turn, max_total_tokens=cfg.max_total_tokens,
                         batch_size=B, schedule=name)
-        secs = time.perf_counter() - t
+        secs = tp.elapsed()
+        while interleave and interleave[1]:  # jobs not yet due when the rollout ended
+            interleave[1].pop(0)()
         agent = sum(tr.num_agent_tokens for tr in trajs)
         obs_tokens = sum(len(tr.loss_mask) - tr.num_agent_tokens for tr in trajs)
         steady = {}
@@ -357,15 +407,31 @@ def main(argv: list[str] | None = None) -> int:
 
     r_b, r_a, r_c, T = {sch: None for sch in schedules}, None, None, cfg.new_tokens
 
-    # (a) plain model.generate, forced to T tokens per row, batches of B
+    # (a) plain model.generate, forced to T tokens per row, batches of B: one job per batch
+    def generate_jobs():
+        counts, secs = Counts(), []
+
+        def job(chunk):
+            def run():
+                with timer.counting(counts):
+                    t = time.perf_counter()
+                    gen = hf_generate(model, chunk, policy.pad_id, T)
+                    secs.append(time.perf_counter() - t)
+                assert gen.shape == (len(chunk), T), gen.shape
+            return run
+
+        def result():
+            assert len(secs) == len(chunks), "a generate batch did not run"
+            s = sum(secs)
+            return {"seconds": round(s, 3), "tokens": E * T, "tokens_per_s": round(E * T / s, 2), **timer.stats(counts)}
+
+        return [job(c) for c in chunks], result
+
     def run_generate():
-        timer.reset()
-        t = time.perf_counter()
-        for chunk in chunks:
-            gen = hf_generate(model, chunk, policy.pad_id, T)
-            assert gen.shape == (len(chunk), T), gen.shape
-        secs = time.perf_counter() - t
-        return {"seconds": round(secs, 3), "tokens": E * T, "tokens_per_s": round(E * T / secs, 2), **timer.stats()}
+        jobs, result = generate_jobs()
+        for run in jobs:
+            run()
+        return result()
 
     # (c) TransformersPolicy.generate alone, one turn, forced to T tokens per row, batches of B
     def run_policy():
@@ -380,18 +446,32 @@ def main(argv: list[str] | None = None) -> int:
         assert n == E * T, n
         return {"seconds": round(secs, 3), "tokens": n, "tokens_per_s": round(n / secs, 2), **timer.stats()}
 
+    interleaved = []  # per round: whether (a) ran interleaved with the first schedule's rollout
     for _ in range(max(1, cfg.repeats)):
-        for sch in schedules:
-            r_b[sch] = keep_best(r_b[sch], run_rollout(sch), f"rollout {sch}")
+        gen = None
+        for i, sch in enumerate(schedules):
+            inter = None
+            if cfg.interleave and i == 0 and r_b[sch] is not None:  # T and the rollout's length are known
+                jobs, gen = generate_jobs()  # spread evenly over the time the last round's rollout took
+                last = r_b[sch]["round_seconds"][-1]
+                inter = ([(k + 0.5) * last / len(jobs) for k in range(len(jobs))], jobs)
+            r_b[sch] = keep_best(r_b[sch], run_rollout(sch, inter), f"rollout {sch}")
         T = T or max(1, round(r_b[schedules[0]]["tokens"] / E))
-        r_a = keep_best(r_a, run_generate(), "model.generate")
+        r_a = keep_best(r_a, gen() if gen else run_generate(), "model.generate" + (" (interleaved)" if gen else ""))
+        interleaved.append(gen is not None)
         if cfg.policy_generate:
             r_c = keep_best(r_c, run_policy(), "policy.generate")
     timer.close()
 
     ratios = {sch: round(r["tokens_per_s"] / r_a["tokens_per_s"], 3) for sch, r in r_b.items()}
-    per_round = {sch: [round(r["tokens"] * ga / (r_a["tokens"] * gb), 3) for gb, ga in zip(r["round_seconds"], r_a["round_seconds"])]
+    per_round = {sch: [round(n * ga / (r_a["tokens"] * gb), 3) for n, gb, ga in zip(r["round_tokens"], r["round_seconds"], r_a["round_seconds"])]
                  for sch, r in r_b.items()}  # the ratio within each round
+    first = r_b[schedules[0]]
+    paired = [i for i, x in enumerate(interleaved) if x]  # rounds where (a) ran inside the first rollout
+    pooled = None
+    if paired:  # tokens/s over those rounds together, rollout against generate
+        pooled = round(sum(first["round_tokens"][i] for i in paired) / sum(first["round_seconds"][i] for i in paired)
+                       / (len(paired) * r_a["tokens"] / sum(r_a["round_seconds"][i] for i in paired)), 3)
     steady = {sch: [round(x * ga / r_a["tokens"], 3) for x, ga in zip(r["round_steady_tokens_per_s"], r_a["round_seconds"])]
               for sch, r in r_b.items() if r.get("round_steady_tokens_per_s")}  # until the queue empties, per round
     report = {
@@ -406,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_rollout_over_generate": ratios[schedules[0]],
         "ratios_rollout_over_generate": ratios,
         "ratios_by_round": per_round,
+        "rounds_interleaved": interleaved,
+        "ratio_interleaved_rounds": pooled,
         "steady_ratios_by_round": steady,
         "ratio_policy_over_generate": round(r_c["tokens_per_s"] / r_a["tokens_per_s"], 3) if r_c else None,
         "torch_threads": torch.get_num_threads(),
@@ -437,7 +519,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"({r['steady_tokens_per_s']} tok/s, ratio per round {steady[sch]}), "
                   f"then the drain: {r['drain_tokens']} tokens in {r['drain_seconds']} s; longest episode {r['longest_episode_tokens']} tokens")
     if cfg.repeats > 1:
-        print("ratio within each round: " + ", ".join(f"{sch} {per_round[sch]}" for sch in ratios))
+        print("ratio within each round: " + ", ".join(f"{sch} {per_round[sch]}" for sch in ratios)
+              + (f"   (generate interleaved with {schedules[0]} in rounds {[i + 1 for i in paired]})" if paired else ""))
+    if pooled is not None:
+        print(f"ratio rollout/generate over the interleaved rounds together: {schedules[0]} {pooled:.3f}")
     print("ratio rollout/generate (best of each): " + ", ".join(f"{sch} {x:.3f}" for sch, x in ratios.items())
           + (f"   policy/generate = {report['ratio_policy_over_generate']:.3f}" if r_c else ""))
     print(f"wrote {out_path}")

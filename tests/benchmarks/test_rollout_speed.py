@@ -70,6 +70,12 @@ def test_benchmark_script_runs(tiny, tmp_path, capsys):
     assert packed["prefill_calls"] < unpacked["prefill_calls"]
     assert rep["ratio_rollout_over_generate"] == rep["ratios_rollout_over_generate"]["continuous"] > 0
     assert len(rep["ratios_by_round"]["continuous"]) == 2
+    # round 2: generate's batches ran inside the continuous rollout, each counted on its own side
+    assert rep["rounds_interleaved"] == [False, True] and rep["ratio_interleaved_rounds"] > 0
+    g = rep["generate"]
+    assert len(g["round_seconds"]) == 2 and g["prefill_calls"] == 2 and g["packed_calls"] == 0
+    assert g["decode_steps"] == 2 * (rep["T"] - 1) and g["decode_slots"] == 3 * (rep["T"] - 1)
+    assert rep["rollouts"]["continuous"]["round_tokens"] == [rep["rollouts"]["continuous"]["tokens"]] * 2
     for sch in ("continuous", "continuous/unpacked"):  # 3 episodes, 2 places: the third starts when one ends
         r, eat = rep["rollouts"][sch], rep["rollouts"][sch]["episode_agent_tokens"]
         assert min(eat[:2]) <= r["queue_empty_tokens"] <= r["tokens"] - eat[2]
@@ -80,6 +86,7 @@ def test_benchmark_script_runs(tiny, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ratio rollout/generate (best of each): continuous" in printed and "(b) rollout lockstep" in printed
     assert "rollout continuous: until the queue empties" in printed
+    assert "over the interleaved rounds together: continuous" in printed
     with pytest.raises(ValueError, match="continuous/unpacked"):
         main([f"model={tmp_path / 'm'}", "batch_size=2", "episodes=2", "max_tokens_per_turn=4", "threads=0",
               "schedules=continuous/fast", f"out={out}"])
