@@ -51,7 +51,7 @@ once; ``repeats=R`` runs R rounds of all of them (rollouts, generate, policy) an
 one's best (every round's seconds and tokens are in the JSON as ``round_seconds`` and
 ``round_tokens``). The load average is recorded. Writes ``out`` (JSON) and prints a table.
 
-A shared box drifts: the same forward can take 15-30% longer a few minutes later, which is
+A shared box drifts: the same forward can be 10% or more slower a few minutes later, which is
 the size of the effect measured. So from round 2 on (``interleave=true``, the default), when T
 and the rollout's length are known, (a) does not run after the rollout but inside it: its
 B-row batches run one at a time between the scheduler calls of the first schedule's rollout,
