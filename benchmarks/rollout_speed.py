@@ -236,7 +236,7 @@ class TimedPolicy:
         self.generate_s = self.encode_s = self.paused_s = 0.0
         self.generate_calls = 0
         self.completions = []
-        self.interleave = interleave  # (seconds, [jobs]): job k runs once the rollout's own time passes seconds[k]
+        self.due = list(interleave or [])  # (seconds, job): each job runs once the rollout's own time passes its seconds
 
     def __getattr__(self, name):
         return getattr(self.p, name)
@@ -248,13 +248,9 @@ class TimedPolicy:
     def between(self) -> None:
         """Between two scheduler calls (or lockstep turns): run the interleaved jobs now due,
         off the rollout's clock."""
-        if not self.interleave:
-            return
-        at, jobs = self.interleave
-        while jobs and self.elapsed() >= at[0]:
+        while self.due and self.elapsed() >= self.due[0][0]:
             t = time.perf_counter()
-            at.pop(0)
-            jobs.pop(0)()
+            self.due.pop(0)[1]()
             self.paused_s += time.perf_counter() - t
 
     def generate(self, prompts, sampling, contexts=None):
@@ -311,7 +307,8 @@ def hf_generate(model, prompts, pad_id, T):
 
 
 def keep_best(best, r, label):
-    """``best`` (or None) and the new result ``r``: the faster, with every round's seconds."""
+    """``best`` (or None) and the new result ``r``: the faster, with every round's seconds,
+    tokens and steady tok/s."""
     print(f"{label}: {r['tokens']} tokens in {r['seconds']:.1f} s", file=sys.stderr, flush=True)
     out = dict(r if best is None or r["seconds"] < best["seconds"] else best)
     for key in ("seconds", "tokens", "steady_tokens_per_s"):  # every round's, as round_<key>
@@ -366,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # (b) the rollout, natural (stops at action ends), greedy
     def run_rollout(schedule, interleave=None):
-        """One rollout; ``interleave`` (times, jobs) runs the jobs in between its steps, off its clock."""
+        """One rollout; ``interleave`` [(seconds, job)] runs the jobs in between its steps, off its clock."""
         timer.reset()
         tp = TimedPolicy(policy, E, B, interleave)
         name, _, variant = schedule.partition("/")
@@ -376,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                         max_tokens_per_turn=cfg.max_tokens_per_turn, max_total_tokens=cfg.max_total_tokens,
                         batch_size=B, schedule=name)
         secs = tp.elapsed()
-        while interleave and interleave[1]:  # jobs not yet due when the rollout ended
-            interleave[1].pop(0)()
+        for _, run in tp.due:  # jobs not yet due when the rollout ended
+            run()
         agent = sum(tr.num_agent_tokens for tr in trajs)
         obs_tokens = sum(len(tr.loss_mask) - tr.num_agent_tokens for tr in trajs)
         steady = {}
@@ -448,17 +445,17 @@ def main(argv: list[str] | None = None) -> int:
 
     interleaved = []  # per round: whether (a) ran interleaved with the first schedule's rollout
     for _ in range(max(1, cfg.repeats)):
-        gen = None
+        inside = None
         for i, sch in enumerate(schedules):
             inter = None
             if cfg.interleave and i == 0 and r_b[sch] is not None:  # T and the rollout's length are known
-                jobs, gen = generate_jobs()  # spread evenly over the time the last round's rollout took
+                jobs, inside = generate_jobs()  # spread evenly over the time the last round's rollout took
                 last = r_b[sch]["round_seconds"][-1]
-                inter = ([(k + 0.5) * last / len(jobs) for k in range(len(jobs))], jobs)
+                inter = [((k + 0.5) * last / len(jobs), run) for k, run in enumerate(jobs)]
             r_b[sch] = keep_best(r_b[sch], run_rollout(sch, inter), f"rollout {sch}")
         T = T or max(1, round(r_b[schedules[0]]["tokens"] / E))
-        r_a = keep_best(r_a, gen() if gen else run_generate(), "model.generate" + (" (interleaved)" if gen else ""))
-        interleaved.append(gen is not None)
+        r_a = keep_best(r_a, inside() if inside else run_generate(), "model.generate" + (" (interleaved)" if inside else ""))
+        interleaved.append(inside is not None)
         if cfg.policy_generate:
             r_c = keep_best(r_c, run_policy(), "policy.generate")
     timer.close()
