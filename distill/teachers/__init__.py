@@ -109,7 +109,11 @@ def make_teacher(cfg, student_model=None, student_tokenizer=None, student_name: 
         return HttpTeacher(cfg.url, model=cfg.name or None, tokenizer=tok, timeout=cfg.timeout, retries=cfg.retries,
                            concurrency=cfg.concurrency, logprobs=cfg.logprobs, api_key=cfg.api_key or None)
     if kind == "vllm":
+        import torch
+
         from distill.teachers.vllm import VLLMTeacher
 
-        return VLLMTeacher(cfg.name, dtype=cfg.dtype)
+        # the config's float32 is the CPU default; on a GPU the vLLM teacher runs in bfloat16
+        dtype = "bfloat16" if cfg.dtype == "float32" and torch.cuda.is_available() else cfg.dtype
+        return VLLMTeacher(cfg.name, dtype=dtype)
     raise ValueError(f"unknown teacher kind {kind!r}; choose local, self, http, vllm or none")

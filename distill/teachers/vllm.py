@@ -3,7 +3,7 @@
 
 Capabilities: ``score``, ``logprobs``, ``topk_logprobs``, ``act``. No full distributions or
 hidden states (vLLM does not return them): methods needing those take a local teacher.
-Untested here without a GPU; ``tests/distill/test_vllm_teacher.py`` runs where vLLM and CUDA are.
+``tests/distill/test_vllm_teacher.py`` runs where vLLM can (a CUDA GPU, or vLLM's CPU build).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class VLLMTeacher:
     def __init__(self, model: str, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.35, **kw):
         from agents.vllm_policy import VLLMPolicy
 
-        self._policy = VLLMPolicy(model, dtype="bfloat16" if dtype == "float32" else dtype,
+        self._policy = VLLMPolicy(model, dtype=dtype,
                                   gpu_memory_utilization=gpu_memory_utilization, enable_lora=False, **kw)
         self.tokenizer, self.name = self._policy.tokenizer, f"vllm:{model}"
         self.stats = {"requests": 0, "errors": 0}
@@ -65,3 +65,7 @@ class VLLMTeacher:
 
     def policy(self):
         return self._policy
+
+    def close(self) -> None:
+        """Stop the vLLM engine's processes."""
+        self._policy.close()

