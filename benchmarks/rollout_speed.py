@@ -495,7 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=1) + "\n")
+    from corpora.cache import atomic_write_text
+
+    atomic_write_text(out_path, json.dumps(report, indent=1) + "\n")
 
     rows = [("(a) model.generate", r_a)] + [(f"(b) rollout {sch}", r) for sch, r in r_b.items()] + ([("(c) policy.generate", r_c)] if r_c else [])
     print(f"\nmodel={cfg.model} B={B} episodes={E} T={T} threads={torch.get_num_threads()} prompts "
