@@ -26,7 +26,6 @@ Writes ``out`` (JSON, default ``results/engine_speed_<model>.json``) and prints 
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys

@@ -10,6 +10,7 @@ from agents.policy import SamplingParams
 from agents.rollout import rollout
 from agents.scripted import BaselineAgent, OracleAgent, run_episode
 from agents.scripted_policy import ScriptedPolicy
+from trajectory_checks import agent_logprobs, mask_runs
 
 
 class Recording:
@@ -50,20 +51,6 @@ def tiny():
     return TransformersPolicy(model, tok)
 
 
-def _segments(tr):
-    """Split completion ids into runs of equal mask value."""
-    segs, cur, val = [], [], None
-    for t, m in zip(tr.completion_ids, tr.loss_mask):
-        if m != val and cur:
-            segs.append((val, cur))
-            cur = []
-        val = m
-        cur.append(t)
-    if cur:
-        segs.append((val, cur))
-    return segs
-
-
 @pytest.mark.parametrize("schedule", ["lockstep", "continuous"])
 def test_ids_are_exactly_generated_plus_tokenised_observations(tiny, schedule):
     pol = Recording(tiny)
@@ -72,7 +59,7 @@ def test_ids_are_exactly_generated_plus_tokenised_observations(tiny, schedule):
     assert pol.calls and len(trajs) == 4 and [t.sample_index for t in trajs] == [0, 1, 0, 1]
     for j, tr in enumerate(trajs):
         generated = [c.token_ids for eps, outs in pol.calls for e, c in zip(eps, outs) if e == j]
-        segs = _segments(tr)
+        segs = mask_runs(tr)
         agent = [s for m, s in segs if m == 1]
         env = [s for m, s in segs if m == 0]
         assert agent == generated  # mask 1 exactly on what the policy produced, in order
@@ -85,13 +72,8 @@ def test_ids_are_exactly_generated_plus_tokenised_observations(tiny, schedule):
 def test_sampling_logprobs_match_a_full_forward_pass(tiny):
     tr = rollout(tiny, lambda: gym.make("WebQA-v0"), [{"index": 5}], sampling=SamplingParams(temperature=1.0, seed=3),
                  max_tokens_per_turn=20, max_total_tokens=600)[0]
-    ids = torch.tensor([tr.prompt_ids + tr.completion_ids])
-    with torch.no_grad():
-        logp = torch.log_softmax(tiny.model(ids).logits[0, :-1].float(), -1)
-    n0 = len(tr.prompt_ids)
-    for t, (tok, m, lp) in enumerate(zip(tr.completion_ids, tr.loss_mask, tr.logprobs)):
-        if m:
-            assert lp == pytest.approx(logp[n0 + t - 1, tok].item(), abs=1e-4)
+    got, want = agent_logprobs(tiny.model, tr)
+    assert got == pytest.approx(want, abs=1e-4)
 
 
 @pytest.mark.parametrize("schedule,batch_size", [("lockstep", None), ("continuous", None), ("continuous", 2)])
@@ -103,12 +85,7 @@ def test_every_episodes_logprobs_match_a_full_forward_pass(tiny, schedule, batch
                     schedule=schedule, batch_size=batch_size)
     assert sum(len(t.actions) for t in trajs) > len(trajs)  # several turns: observations were spliced in
     for tr in trajs:
-        ids = torch.tensor([tr.prompt_ids + tr.completion_ids])
-        with torch.no_grad():
-            logp = torch.log_softmax(tiny.model(ids).logits[0, :-1].float(), -1)
-        n0 = len(tr.prompt_ids)
-        got = [lp for lp, m in zip(tr.logprobs, tr.loss_mask) if m]
-        want = [logp[n0 + t - 1, tok].item() for t, (tok, m) in enumerate(zip(tr.completion_ids, tr.loss_mask)) if m]
+        got, want = agent_logprobs(tiny.model, tr)
         assert got == pytest.approx(want, abs=1e-4)
 
 
@@ -122,11 +99,7 @@ def test_grouped_query_attention_logprobs_match_a_full_forward_pass():
                     schedule="continuous", batch_size=3)
     assert sum(len(t.actions) for t in trajs) > len(trajs)
     for tr in trajs:
-        with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([tr.prompt_ids + tr.completion_ids])).logits[0, :-1].float(), -1)
-        n0 = len(tr.prompt_ids)
-        got = [lp for lp, m in zip(tr.logprobs, tr.loss_mask) if m]
-        want = [logp[n0 + t - 1, t_].item() for t, (t_, m) in enumerate(zip(tr.completion_ids, tr.loss_mask)) if m]
+        got, want = agent_logprobs(model, tr)
         assert got == pytest.approx(want, abs=1e-4)
 
 
@@ -238,7 +211,7 @@ def test_real_small_model_rollout_mask_and_ids():
                     max_total_tokens=1200, sampling=SamplingParams(temperature=1.0, seed=0))
     for j, tr in enumerate(trajs):
         generated = [c.token_ids for eps, outs in pol.calls for e, c in zip(eps, outs) if e == j]
-        segs = _segments(tr)
+        segs = mask_runs(tr)
         assert [s for m, s in segs if m == 1] == generated
         env = [s for m, s in segs if m == 0]
         assert env == [pol.encode(o) for o in tr.observations[: len(env)]]
@@ -354,9 +327,5 @@ def test_continuous_rollout_on_cuda(dtype):
         assert tr.text == pol.decode(tr.prompt_ids + tr.completion_ids)
         assert all(lp == 0.0 for lp, m in zip(tr.logprobs, tr.loss_mask) if m == 0)
         if dtype is torch.float32:
-            with torch.no_grad():
-                logp = torch.log_softmax(model(torch.tensor([tr.prompt_ids + tr.completion_ids], device="cuda")).logits[0, :-1].float(), -1)
-            n0 = len(tr.prompt_ids)
-            got = [lp for lp, m in zip(tr.logprobs, tr.loss_mask) if m]
-            want = [logp[n0 + t - 1, t_].item() for t, (t_, m) in enumerate(zip(tr.completion_ids, tr.loss_mask)) if m]
+            got, want = agent_logprobs(model, tr)
             assert got == pytest.approx(want, abs=1e-3)

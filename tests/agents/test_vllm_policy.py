@@ -122,10 +122,10 @@ def test_rollout_through_vllm_keeps_exact_ids_masks_and_logprobs(pair):
     observations, and vLLM's sampling log-probs are what a full transformers forward pass over the
     finished trajectory gives (the trainer's view of the same tokens)."""
     import gymnasium as gym
-    import torch
 
     import envs  # noqa: F401
     from agents.rollout import rollout
+    from trajectory_checks import agent_logprobs, mask_runs
 
     vpol, hpol = pair
     calls = []
@@ -144,22 +144,12 @@ def test_rollout_through_vllm_keeps_exact_ids_masks_and_logprobs(pair):
     assert len(trajs) == 4 and len(calls) >= 1
     for j, tr in enumerate(trajs):
         generated = [c.token_ids for eps, outs in calls for e, c in zip(eps, outs) if e == j]
-        pos, agent, obs = 0, [], []
-        while pos < len(tr.completion_ids):  # runs of equal mask value
-            end = pos
-            while end < len(tr.completion_ids) and tr.loss_mask[end] == tr.loss_mask[pos]:
-                end += 1
-            (agent if tr.loss_mask[pos] else obs).append(tr.completion_ids[pos:end])
-            pos = end
-        assert agent == generated
+        runs = mask_runs(tr)
+        assert [ids for m, ids in runs if m == 1] == generated
+        obs = [ids for m, ids in runs if m == 0]
         assert obs == [vpol.encode(o) for o in tr.observations[: len(obs)]]
-        ids = torch.tensor([tr.prompt_ids + tr.completion_ids], device=hpol.device)
-        with torch.no_grad():
-            logp = torch.log_softmax(hpol.model(ids).logits[0, :-1].float(), -1)
-        n0 = len(tr.prompt_ids)
-        got = [lp for m, lp in zip(tr.loss_mask, tr.logprobs) if m]
-        ref = [logp[n0 + t - 1, tok].item() for t, (tok, m) in enumerate(zip(tr.completion_ids, tr.loss_mask)) if m]
-        assert got == pytest.approx(ref, abs=2e-2)
+        got, want = agent_logprobs(hpol.model, tr)
+        assert got == pytest.approx(want, abs=2e-2)
 
 
 @needs_vllm

@@ -97,14 +97,14 @@ def test_rollout_through_vllm_serve_keeps_masks(served, client):
 
     import envs  # noqa: F401
     from agents.rollout import rollout
+    from trajectory_checks import mask_runs
 
     trajs = rollout(client, lambda: gym.make("WebQA-v0"), [{"index": 0}, {"index": 1}], max_tokens_per_turn=24,
                     max_total_tokens=1200, sampling=SamplingParams(temperature=1.0, seed=0))
     for tr in trajs:
         assert len(tr.completion_ids) == len(tr.loss_mask) == len(tr.logprobs)
-        n_obs = sum(1 for a, b in zip([0] + tr.loss_mask, tr.loss_mask) if a == 1 and b == 0)
-        obs_ids = [t for t, m in zip(tr.completion_ids, tr.loss_mask) if m == 0]
-        assert obs_ids == [t for o in tr.observations[:n_obs] for t in client.encode(o)]
+        obs = [ids for m, ids in mask_runs(tr) if m == 0]
+        assert obs == [client.encode(o) for o in tr.observations[: len(obs)]]
         assert all(lp <= 0 for lp, m in zip(tr.logprobs, tr.loss_mask) if m)
         assert tr.loss_mask.count(1) >= 1
 
