@@ -37,6 +37,12 @@ from agents.policy import Lockstep, Policy, SamplingParams
 from envs.vector import step_envs
 
 
+# Who wrote each completion token (``Trajectory.sources``): the env (observations), the policy
+# that was rolled out, or a teacher that took over (ovd; a completion with extra["source"] ==
+# "teacher"). ``loss_mask`` is 1 on both kinds of agent tokens.
+SOURCE_ENV, SOURCE_STUDENT, SOURCE_TEACHER = 0, 1, 2
+
+
 @dataclass
 class Trajectory:
     question_id: str
@@ -46,6 +52,7 @@ class Trajectory:
     completion_ids: list[int] = field(default_factory=list)
     loss_mask: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    sources: list[int] = field(default_factory=list)  # per completion token: SOURCE_ENV / _STUDENT / _TEACHER
     actions: list[str] = field(default_factory=list)
     observations: list[str] = field(default_factory=list)
     reward: float = 0.0
@@ -136,7 +143,9 @@ def rollout(
         tr = trajs[j] = Trajectory(qid, str(info.get("question", "")), j % group_size, list(ids))
         tr.info["prompt_text"] = prompt
         tr.info["turn_spans"] = []  # [start, end) of each turn's generated ids in completion_ids
-        ctx = contexts[j] = {"episode": j, "prompt": prompt, "info": info, "observation": prompt}
+        # actions/observations: the episode's history so far (live lists; a chat teacher renders it)
+        ctx = contexts[j] = {"episode": j, "prompt": prompt, "info": info, "observation": prompt,
+                             "actions": tr.actions, "observations": tr.observations}
         if with_privileged and hasattr(base, "privileged"):
             ctx["privileged"] = tr.info["privileged"] = base.privileged()
         submit(j)
@@ -157,6 +166,7 @@ def rollout(
             tr.info["turn_spans"].append([len(tr.completion_ids), len(tr.completion_ids) + len(ids)])
             tr.completion_ids += ids
             tr.loss_mask += [1] * len(ids)
+            tr.sources += [SOURCE_TEACHER if c.extra.get("source") == "teacher" else SOURCE_STUDENT] * len(ids)
             tr.logprobs += lps
             tr.actions.append(c.text if len(ids) == len(c.token_ids) else policy.decode(ids))
         results = step_envs([envs[j] for j, _ in ended], [trajs[j].actions[-1] for j, _ in ended])
@@ -174,6 +184,7 @@ def rollout(
                     obs_ids, done, tr.truncation = obs_ids[:room], True, "context_budget"
                 tr.completion_ids += obs_ids
                 tr.loss_mask += [0] * len(obs_ids)
+                tr.sources += [SOURCE_ENV] * len(obs_ids)
                 tr.logprobs += [0.0] * len(obs_ids)
             contexts[j]["observation"] = obs
             if term or trunc:

@@ -29,7 +29,7 @@ class EnvConfig:
     retriever: str = "bundled"
     top_k: int = 3
     max_turns: int = 3
-    reward: str = "em"
+    reward: str = "auto"  # em | f1 | cover_em; auto: AUTO_REWARD[method], else em
     protocol: str = "tags"
 
 
@@ -107,6 +107,9 @@ class TrainConfig:
 # teacher=auto (the default) picks per method; any other teacher=... wins.
 AUTO_TEACHER = {"grpo": "none", "opsd": "self"}
 SAME_TOKENIZER_METHODS = ("opd", "eopd", "oprd")
+# env.reward=auto (the default) picks the training reward per method: ovd's outcome reward is F1
+# for web QA (OVD Eq. 2); the held-out evaluation reports EM and F1 whatever it is.
+AUTO_REWARD = {"ovd": "f1"}
 
 
 class ConfigError(ValueError):
@@ -169,6 +172,8 @@ def _typed(raw) -> tuple[TrainConfig, Any]:
         raise ConfigError(f"bad value for method.{exc.key}: {exc.msg}") from None
     except ValueError as exc:
         raise ConfigError(f"method {name!r}: {exc}") from None
+    if cfg.env.reward == "auto":
+        cfg.env.reward = AUTO_REWARD.get(name, "em")
     if cfg.teacher.kind == "auto":
         cfg.teacher.kind = AUTO_TEACHER.get(name, "local")
         if cfg.teacher.kind != "local":

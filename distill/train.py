@@ -37,14 +37,14 @@ import torch
 
 from agents.hf_policy import TransformersPolicy
 from agents.policy import SamplingParams
-from agents.rollout import Trajectory, rollout
+from agents.rollout import SOURCE_STUDENT, Trajectory, rollout
 from corpora.cache import atomic_write_json, atomic_write_text
 from distill import checkpoint as ckpt
 from distill.config import TrainConfig, to_yaml
 from distill.forward import checkpointed, checkpointing_layers, forward_at, num_layers
 from distill.losses import entropy, group_advantages, token_logprobs
 from distill.methods import MicroBatch, Signal, get_method
-from distill.teachers import check_capabilities, make_teacher, same_tokenizer
+from distill.teachers import check_capabilities, make_teacher
 
 
 @dataclass
@@ -116,6 +116,14 @@ class Sample:
     extras: dict[str, list[float]]
     teacher_seq: list[int] | None = None
     teacher_targets: list[int] | None = None
+    old_logprobs: list[float] | None = None  # the sampler's log-prob per target (NaN: not the student's sample)
+
+
+def sampler_logprobs(t: Trajectory) -> list[float]:
+    """The stored sampling log-prob of each agent token the student sampled; NaN for tokens a
+    teacher wrote (ovd), whose ratio is then taken against the learner's own log-prob."""
+    src = t.sources or [SOURCE_STUDENT if m else 0 for m in t.loss_mask]
+    return [lp if s == SOURCE_STUDENT else float("nan") for lp, s, m in zip(t.logprobs, src, t.loss_mask) if m]
 
 
 def build_samples(trajs: list[Trajectory], sig: Signal, group_size: int, scale: bool) -> list[Sample]:
@@ -143,7 +151,7 @@ def build_samples(trajs: list[Trajectory], sig: Signal, group_size: int, scale: 
             extras = {k: v[i] for k, v in sig.extras.items()}
             samples.append(Sample(list(t.prompt_ids) + list(t.completion_ids), targets, advs, weights, extras,
                                   sig.teacher_seqs[i] if sig.teacher_seqs else None,
-                                  sig.teacher_targets[i] if sig.teacher_targets else None))
+                                  sig.teacher_targets[i] if sig.teacher_targets else None, sampler_logprobs(t)))
     return samples
 
 
@@ -155,6 +163,7 @@ def micro_batch(model, samples: list[Sample], pad_id: int, denominator: float, l
         logprobs_N=token_logprobs(out.logits_N_V, out.target_ids_N), hidden_L_N_D=out.hidden_L_N_D,
         seq_index_N=out.seq_index_N, target_ids_N=out.target_ids_N,
         advantages_N=cat([s.advantages for s in samples]), weight_N=cat([s.weights for s in samples]),
+        old_logprobs_N=cat([s.old_logprobs for s in samples]),
         extras={k: cat([s.extras[k] for s in samples]) for k in (samples[0].extras if samples else {})},
         denominator=denominator,
         teacher_seqs=[s.teacher_seq for s in samples] if samples[0].teacher_seq is not None else None,
@@ -244,8 +253,6 @@ def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
     policy = TransformersPolicy(model, tok)
     teacher = make_teacher(cfg.teacher, model, tok, cfg.model.name)
     check_capabilities(mcfg.name, method.needs(mcfg), teacher, tok)
-    if "act" in method.needs(mcfg) and not same_tokenizer(getattr(teacher, "tokenizer", None), tok):
-        raise ValueError(f"method {mcfg.name!r} mode=replace replays the student's tokens to the teacher: they must share a tokenizer")
     reference = None
     if getattr(mcfg, "kl_beta", 0) > 0:
         from distill.teachers.local import LocalTeacher
@@ -312,6 +319,7 @@ def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
         samples = build_samples(trajs, sig, cfg.group_size, mcfg.scale_advantages)
         denominator = sum(sum(s.weights) for s in samples)
         loss_sum, agg, rows, ent_sum = 0.0, {}, 0, 0.0
+        drift_sum, drift_n = 0.0, 0
         optimizer.zero_grad(set_to_none=True)
         for a in range(0, len(samples), cfg.micro_batch_size):
             with checkpointed(blocks):
@@ -323,6 +331,9 @@ def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
             loss_sum += float(loss.detach())
             with torch.no_grad():
                 ent_sum += float(entropy(mb.logits_N_V.detach()).sum())
+                known = torch.isfinite(mb.old_logprobs_N)
+                drift_sum += float((mb.logprobs_N.detach() - mb.old_logprobs_N)[known].abs().sum())
+                drift_n += int(known.sum())
             for k, v in m.items():
                 agg[k] = agg.get(k, 0.0) + v * n
             rows += n
@@ -335,6 +346,7 @@ def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
 
         line = _metrics_line(step + 1, trajs, sig, loss_sum, agg, rows, ent_sum, grad_norm, scheduler.get_last_lr()[0],
                              len(samples), (t_start, t_roll, t_teacher, t_end), teacher, anon)
+        line["logprob_drift"] = drift_sum / max(drift_n, 1)  # mean |learner - sampler| log-prob, student tokens
         _write_trajectories(run_dir, step + 1, trajs)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             ckpt.save(run_dir, step + 1, model, optimizer, scheduler, method_state, line, cfg.keep_checkpoints)
@@ -344,7 +356,7 @@ def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
         history.append(line)
         _log(writer, wandb_run, line)
         bar.update(1)
-        bar.set_postfix_str(f"reward {line['reward']:.3f} EM {line['em']:.3f} teacher {line.get('teacher_score_mean', float('nan')):.2f} loss {line['loss']:+.4f}")
+        bar.set_postfix_str(_postfix(line))
     bar.close()
 
     result = {"run_dir": str(run_dir), "steps": cfg.steps}
@@ -417,6 +429,17 @@ def _metrics_line(step, trajs, sig, loss_sum, agg, rows, ent_sum, grad_norm, lr,
     return line
 
 
+def _postfix(line: dict) -> str:
+    out = f"reward {line['reward']:.3f} EM {line['em']:.3f}"
+    if "teacher_score_mean" in line:
+        out += f" teacher {line['teacher_score_mean']:.2f}"
+        if "teacher_score_std" in line:
+            out += f"±{line['teacher_score_std']:.2f}"
+    if "accept_rate" in line:
+        out += f" accept {line['accept_rate']:.2f} replaced {line['replaced_turns']:.0f} turns {line['teacher_tokens']:.0f} tok"
+    return out + f" loss {line['loss']:+.4f}"
+
+
 def _write_trajectories(run_dir: Path, step: int, trajs) -> None:
     from benchmarks.eval import episode_record
 
@@ -425,7 +448,8 @@ def _write_trajectories(run_dir: Path, step: int, trajs) -> None:
     recs = []
     for t in trajs:
         r = episode_record(t, "train")
-        r.update({"step": step, "sample_index": t.sample_index, "text": t.text})
+        r.update({"step": step, "sample_index": t.sample_index, "text": t.text, "sources": t.sources,
+                  "replaced_from_turn": t.info.get("replaced_from_turn")})
         recs.append(r)
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
 

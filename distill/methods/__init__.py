@@ -40,7 +40,7 @@ class MethodConfig:
 
     name: str = ""
     env_weight: float = 1.0  # weight of the env reward in the reward / advantage
-    clip_eps: float = 0.2  # PPO clip (the ratio is 1 with one update per batch)
+    clip_eps: float = 0.2  # PPO clip of pi_learner / pi_sampler (see pg_term)
     scale_advantages: bool = True  # divide by the group std (GRPO); False = Dr.GRPO centring
     kl_beta: float = 0.0  # k3 KL to the initial policy (GRPO's reference term); 0 = off
 
@@ -75,6 +75,7 @@ class MicroBatch:
     denominator: float  # agent tokens in the whole step
     teacher_seqs: list[list[int]] | None = None
     teacher_targets: list[list[int]] | None = None
+    old_logprobs_N: torch.Tensor | None = None  # the sampler's log-prob (NaN: a token the student did not sample)
     reference: Any = None  # the initial policy (a LocalTeacher) when kl_beta > 0
     state: dict = field(default_factory=dict)  # method state kept in checkpoints (oprd's bridge)
     n_layers: tuple[int, int] = (0, 0)  # (student, teacher) blocks
@@ -98,9 +99,16 @@ def get_method(name: str) -> Method:
 
 
 def pg_term(mb: MicroBatch, cfg: MethodConfig, token_advantages_N: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """The shared PPO-clip loss on agent tokens, plus GRPO's k3 KL to the reference if asked."""
+    """The shared PPO-clip loss on agent tokens, plus GRPO's k3 KL to the reference if asked.
+
+    The ratio is pi_learner / pi_sampler with the sampler's stored log-prob (METHODS.md): 1 while
+    the sampler is the learner's own module (up to float noise, logged as ``logprob_drift``),
+    clipped to [1-eps, 1+eps] where they differ (vLLM, bfloat16 rollouts). Tokens the student did
+    not sample (a teacher's, NaN) take the learner's own detached log-prob: ratio 1, REINFORCE."""
     adv = mb.advantages_N if token_advantages_N is None else token_advantages_N
     old = mb.logprobs_N.detach()
+    if mb.old_logprobs_N is not None:
+        old = torch.where(torch.isfinite(mb.old_logprobs_N), mb.old_logprobs_N, old)
     loss = policy_gradient_loss(mb.logprobs_N, old, adv, mb.weight_N, cfg.clip_eps, mb.denominator)
     metrics = {"pg_loss": as_mean(loss, mb)}
     if cfg.kl_beta > 0 and mb.reference is not None:

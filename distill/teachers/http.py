@@ -1,6 +1,9 @@
 """A teacher behind any OpenAI-compatible endpoint, over ``requests``.
 
-Scores go through ``POST {url}/chat/completions``; token log-probs through
+Scores go through ``POST {url}/chat/completions``; so does acting (ovd's teacher continuations:
+``chat``, text in, text out, no shared tokenizer). ``score_distribution`` asks the chat reply's
+``top_logprobs`` and reads the ten digits at the score token (None where the server returns no
+log-probs: the grader falls back to the parsed digit). Token log-probs go through
 ``POST {url}/completions`` with the token ids as the prompt, ``max_tokens=0``, ``echo=true``
 and ``logprobs`` (vLLM serve and ``agents.openai_server`` return prompt log-probs this way;
 many hosted APIs do not, so ``logprobs`` is off unless the config turns it on).
@@ -37,7 +40,7 @@ class HttpTeacher:
         self.model, self.tokenizer, self.name = model, tokenizer, url
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
         self.concurrency, self.max_tokens = max(1, int(concurrency)), int(max_tokens)
-        self.capabilities = frozenset({"score"} | ({"logprobs"} if logprobs else set()))
+        self.capabilities = frozenset({"score", "score_distribution", "act"} | ({"logprobs"} if logprobs else set()))
         self.session = requests.Session()
         self.session.mount("http://", HTTPAdapter(pool_connections=1, pool_maxsize=self.concurrency))
         self.session.mount("https://", HTTPAdapter(pool_connections=1, pool_maxsize=self.concurrency))
@@ -101,6 +104,56 @@ class HttpTeacher:
 
         return self._map(one, list(messages))
 
+    def score_distribution(self, messages: Sequence[list[dict]], top: int = 20) -> list[list[float] | None]:
+        """P(digit 0..9) at the score token of each greedy chat reply, from its ``top_logprobs``
+        (renormalised over the digits among them); None where the reply has no such token or the
+        server gave no log-probs."""
+
+        def one(msgs):
+            body = {"messages": list(msgs), "max_tokens": self.max_tokens, "temperature": 0.0, "logprobs": True,
+                    "top_logprobs": top}
+            if self.model:
+                body["model"] = self.model
+            data = self._post("/chat/completions", body)
+            try:
+                content = (data["choices"][0].get("logprobs") or {}).get("content") or []
+            except (KeyError, IndexError, TypeError, AttributeError):
+                return None
+            return digit_distribution(content)
+
+        return self._map(one, list(messages))
+
+    def chat(self, messages: Sequence[list[dict]], sampling) -> list[str | None]:
+        """The endpoint's reply to each chat, cut after the first of ``sampling.stop`` (the stop
+        string is put back where the server strips it); None where the request failed."""
+        from agents.policy import first_stop
+
+        def one(msgs):
+            body = {"messages": list(msgs), "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
+                    "top_p": sampling.top_p}
+            if sampling.stop:
+                body["stop"] = list(sampling.stop)[:4]
+            if self.model:
+                body["model"] = self.model
+            if sampling.seed is not None:
+                body["seed"] = sampling.seed
+            data = self._post("/chat/completions", body)
+            try:
+                choice = data["choices"][0]
+                text = str(choice["message"]["content"] or "")
+            except (KeyError, IndexError, TypeError):
+                self._count("errors")
+                return None
+            end = first_stop(text, sampling.stop)
+            if end >= 0:
+                return text[:end]
+            reason = choice.get("stop_reason")
+            if choice.get("finish_reason") == "stop" and isinstance(reason, str) and reason in sampling.stop:
+                return text + reason
+            return text
+
+        return self._map(one, list(messages))
+
     # -- log-probs ------------------------------------------------------------------------------
     def logprobs(self, seqs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> list[list[float] | None]:
         if "logprobs" not in self.capabilities:
@@ -124,3 +177,31 @@ class HttpTeacher:
 
     def policy(self):
         raise NotImplementedError("acting through an HTTP teacher is agents.http_policy.OpenAIPolicy")
+
+
+def digit_distribution(content: list[dict]) -> list[float] | None:
+    """From an OpenAI chat ``logprobs.content`` list: the probabilities of the digits 0-9 at the
+    single-digit token right after the reply's last ``Score:`` (else its first single-digit
+    token), read from that token's ``top_logprobs`` and renormalised; None when there is none."""
+    import math
+    import re
+
+    text, first, after_score = "", None, None
+    for j, c in enumerate(content):
+        tok = str(c.get("token", ""))
+        if len(tok.strip()) == 1 and tok.strip().isdigit():
+            first = j if first is None else first
+            if re.search(r"score\s*[:=]?\s*\**\s*$", text, re.IGNORECASE):
+                after_score = j
+        text += tok
+    pos = after_score if after_score is not None else first
+    if pos is None:
+        return None
+    probs = [0.0] * 10
+    alts = content[pos].get("top_logprobs") or [content[pos]]
+    for alt in alts:
+        t = str(alt.get("token", "")).strip()
+        if len(t) == 1 and t.isdigit() and alt.get("logprob") is not None:
+            probs[int(t)] += math.exp(float(alt["logprob"]))
+    z = sum(probs)
+    return [p / z for p in probs] if z > 0 else None

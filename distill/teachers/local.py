@@ -149,6 +149,17 @@ class LocalTeacher:
         return torch.cat(parts, dim=1)
 
     # -- act ------------------------------------------------------------------------------------
+    def chat(self, messages: Sequence[list[dict]], sampling: SamplingParams) -> list[str | None]:
+        """The teacher's reply to each chat (its own chat template and tokenizer), generated up to
+        and including the first of ``sampling.stop``."""
+        prompts = [chat_ids(self.tokenizer, msgs) for msgs in messages]
+        out: list[str | None] = []
+        with self._ctx():
+            for i in range(0, len(prompts), self.batch_size):
+                out += [c.text for c in self._policy.generate(prompts[i : i + self.batch_size], sampling)]
+        self.stats["requests"] += len(prompts)
+        return out
+
     def policy(self):
         """The teacher as an acting Policy (ovd ``mode=replace``)."""
         if self._disable_adapter:

@@ -1,4 +1,4 @@
-"""An OVD run against an HTTP teacher on 127.0.0.1 that times out, answers 500 and says
+"""An OVD run (``mode=reward``: scores only) against an HTTP teacher on 127.0.0.1 that times out, answers 500 and says
 unparseable things: the run goes on, failures are counted, and no trajectory gets a score the
 teacher did not give."""
 import json
@@ -57,7 +57,7 @@ def teacher_url():
 
 def test_faulty_http_teacher_never_invents_scores(tmp_path, teacher_url):
     cfg, mcfg = resolve(["model=tiny", "method=ovd", "teacher=http", f"teacher.url={teacher_url}", "teacher.timeout=0.3",
-                         "teacher.retries=1", "method.score_retries=1", "env.id=ToyVowel-v0", "env.eval_id=ToyVowel-eval-v0",
+                         "teacher.retries=1", "method.mode=reward", "method.grader.readout=digit", "method.grader.retries=1", "env.id=ToyVowel-v0", "env.eval_id=ToyVowel-eval-v0",
                          "steps=3", "questions_per_step=2", "group_size=2", "max_tokens_per_turn=6", "max_total_tokens=32",
                          "eval.questions=1", "progress=false", "threads=1"])
     train(cfg, mcfg, tmp_path / "run", resume=False)

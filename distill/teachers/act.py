@@ -1,0 +1,130 @@
+"""A teacher acting in the env on a student's trajectory (ovd's continuations, teacher feedback).
+
+Two ways to act, chosen by ``teacher_actor``:
+
+* **exact ids**: a local teacher that shares the student's tokenizer continues the student's
+  own token stream (``teacher.policy()``); its ids are kept as generated.
+* **chat** (any other teacher: a local model with another tokenizer, an HTTP chat endpoint):
+  the episode so far is rendered as chat messages (user: the env's prompt; then assistant: each
+  action, user: each observation), the teacher replies with text, and the reply, cut after its
+  first action, is tokenised with the *student's* tokenizer. No shared tokenizer is needed.
+
+Every completion the teacher writes carries ``extra["source"] = "teacher"``, so the rollout
+marks its tokens ``SOURCE_TEACHER`` in ``Trajectory.sources``. ``PrefixPolicy`` replays a
+student's first turns token for token and hands the rest of each episode to the actor.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from agents.policy import Completion, SamplingParams, first_stop
+
+
+def history_messages(ctx: dict) -> list[dict]:
+    """The episode in ``ctx`` (the rollout's context: prompt, actions, observations) as chat."""
+    msgs = [{"role": "user", "content": ctx["prompt"]}]
+    for k, action in enumerate(ctx.get("actions") or []):
+        msgs.append({"role": "assistant", "content": action})
+        obs = (ctx.get("observations") or [])[k] if k < len(ctx.get("observations") or []) else ""
+        msgs.append({"role": "user", "content": obs or "(no observation)"})
+    return msgs
+
+
+class ChatActor:
+    """A teacher with ``chat(messages, sampling) -> texts`` as a Policy over the student's ids."""
+
+    def __init__(self, teacher, student):
+        self.teacher, self.student = teacher, student
+        self.failed: set[int] = set()  # episodes where a chat request failed
+
+    def encode(self, text):
+        return self.student.encode(text)
+
+    def decode(self, ids):
+        return self.student.decode(ids)
+
+    def prompt_ids(self, user_text, tools=None):
+        return self.student.prompt_ids(user_text, tools=tools)
+
+    def generate(self, prompts, sampling: SamplingParams, contexts=None) -> list[Completion]:
+        if contexts is None or any("prompt" not in c for c in contexts):
+            raise ValueError("a chat teacher acts on the rollout's contexts (prompt, actions, observations)")
+        texts = self.teacher.chat([history_messages(c) for c in contexts], sampling)
+        out = []
+        for ctx, text in zip(contexts, texts):
+            if text is None:
+                self.failed.add(ctx["episode"])
+                text = ""
+            end = first_stop(text, sampling.stop)
+            text = text[:end] if end >= 0 else text
+            ids = self.student.encode(text)[: sampling.max_new_tokens]
+            out.append(Completion(ids, [float("nan")] * len(ids), self.student.decode(ids), "stop" if end >= 0 else "length",
+                                  {"source": "teacher", "retokenized": True}))
+        return out
+
+
+class _Marked:
+    """``inner``'s completions marked as the teacher's (the exact-ids actor)."""
+
+    def __init__(self, inner):
+        self.inner, self.failed = inner, set()
+
+    def generate(self, prompts, sampling, contexts=None):
+        outs = self.inner.generate(prompts, sampling)
+        for c in outs:
+            c.extra["source"] = "teacher"
+        return outs
+
+
+def teacher_actor(teacher, student, student_tokenizer):
+    """The teacher as an acting Policy over the student's ids: exact ids where it is a local
+    model sharing the student's tokenizer, chat otherwise."""
+    from distill.teachers import same_tokenizer
+
+    if hasattr(teacher, "policy") and same_tokenizer(getattr(teacher, "tokenizer", None), student_tokenizer):
+        try:
+            return _Marked(teacher.policy())
+        except NotImplementedError:
+            pass
+    if not hasattr(teacher, "chat"):
+        raise ValueError(f"teacher {getattr(teacher, 'name', teacher)!r} can neither chat nor continue the student's tokens")
+    return ChatActor(teacher, student)
+
+
+class PrefixPolicy:
+    """Replays each episode's first turns (``forced[episode]``, the student's completions) token
+    for token, then lets ``actor`` act; ``sampling`` overrides the actor's sampling parameters
+    (e.g. its temperature)."""
+
+    def __init__(self, student, actor, forced: dict[int, list[Completion]], **sampling):
+        self.student, self.actor, self.forced, self.sampling = student, actor, forced, sampling
+        self.turns: dict[int, int] = {}
+
+    def encode(self, text):
+        return self.student.encode(text)
+
+    def decode(self, ids):
+        return self.student.decode(ids)
+
+    def prompt_ids(self, user_text, tools=None):
+        return self.student.prompt_ids(user_text, tools=tools)
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, contexts=None):
+        from dataclasses import replace
+
+        out: list[Completion | None] = [None] * len(prompts)
+        delegate = []
+        for i, ctx in enumerate(contexts):
+            ep = ctx["episode"]
+            k = self.turns.get(ep, 0)
+            self.turns[ep] = k + 1
+            if k < len(self.forced.get(ep, [])):
+                out[i] = self.forced[ep][k]
+            else:
+                delegate.append(i)
+        if delegate:
+            sp = replace(sampling, **self.sampling) if self.sampling else sampling
+            got = self.actor.generate([prompts[i] for i in delegate], sp, [contexts[i] for i in delegate])
+            for i, c in zip(delegate, got):
+                out[i] = c
+        return out

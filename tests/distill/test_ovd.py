@@ -1,0 +1,244 @@
+"""ovd as published (mode=replace): turn prefixes scored, the student's turns kept up to the first
+one scoring below the threshold, the teacher acting on from there; sources marked token by
+token; the outcome reward is F1; grader read-outs fall back from log-probs to the parsed digit.
+Teachers here are real: a scripted Python teacher, an HTTP chat server on 127.0.0.1, and
+``agents.openai_server`` with a model whose tokenizer differs from the student's."""
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import gymnasium as gym
+import pytest
+
+from agents.hf_policy import TransformersPolicy
+from agents.models import tiny_random_model
+from agents.policy import SamplingParams
+from agents.rollout import SOURCE_ENV, SOURCE_STUDENT, SOURCE_TEACHER, rollout
+from distill.config import resolve
+from distill.methods.ovd import OVDConfig, prepare, score_prefixes
+from distill.teachers.act import ChatActor, history_messages
+from distill.teachers.http import HttpTeacher, digit_distribution
+from distill.verbal import GraderConfig, grade, parse_score
+
+ACTIONS = ["<search> capital of France </search>", "<answer> Paris </answer>"]
+
+
+def turns_shown(messages) -> int:
+    return len(re.findall(r"\[turn \d+, agent\]", messages[-1]["content"]))
+
+
+class ScriptedTeacher:
+    """Scores turn 1 with ``first`` and every later turn prefix with ``later``; acts by replying
+    the next of ``ACTIONS``."""
+
+    name, tokenizer = "scripted", None
+    capabilities = frozenset({"score", "score_distribution", "act"})
+
+    def __init__(self, first=7, later=2):
+        self.first, self.later, self.scored = first, later, []
+
+    def _digit(self, msgs):
+        k = turns_shown(msgs)
+        self.scored.append(k)
+        return self.first if k == 1 else self.later
+
+    def score_distribution(self, messages):
+        return [[1.0 if d == digit else 0.0 for d in range(10)] for digit in map(self._digit, messages)]
+
+    def score(self, messages, sample=False, seed=0):
+        return [f"Score: {self._digit(m)}" for m in messages]
+
+    def chat(self, messages, sampling):
+        return [ACTIONS[min(sum(m["role"] == "assistant" for m in msgs) - 1, 1)] + " and more text" for msgs in messages]
+
+
+class Ctx:
+    def __init__(self, policy, roll, seed=0):
+        self.policy, self.rollout, self.seed, self.state = policy, roll, seed, {}
+
+
+def student_rollout(max_turns=3, questions=2, group=2):
+    model, tok = tiny_random_model("small", seed=0)
+    policy = TransformersPolicy(model, tok)
+    make_env = lambda: gym.make("WebQA-v0", max_turns=max_turns, reward="f1")  # noqa: E731
+    qids = [q["id"] for q in make_env().unwrapped.questions[:questions]]
+
+    def roll(pol, opts, g=1):
+        return rollout(pol, make_env, opts, g, SamplingParams(seed=3), 16, 2048, seed=3, with_privileged=True)
+
+    return policy, tok, roll, roll(policy, [{"question_id": q} for q in qids], group)
+
+
+def test_replace_keeps_student_turns_up_to_the_first_low_score_then_the_teacher_acts():
+    policy, tok, roll, trajs = student_rollout()
+    assert all(len(t.actions) >= 2 for t in trajs)  # a random model does not answer: every episode has turns to cut
+    teacher = ScriptedTeacher(first=7, later=2)
+    sig = prepare(trajs, teacher, OVDConfig(threshold=5), Ctx(policy, roll))
+    # lazily scored: turn 1 (accepted) and turn 2 (rejected) of each trajectory, never turn 3
+    assert sorted(teacher.scored) == [1] * len(trajs) + [2] * len(trajs)
+    assert sig.metrics["accept_rate"] == 0.0 and sig.metrics["replaced_trajectories"] == len(trajs)
+    assert sig.metrics["replaced_turns"] == sum(len(t.actions) - 1 for t in trajs)
+    for old, new, mask, r in zip(trajs, sig.trajectories, sig.train_masks, sig.rewards):
+        a, b = old.info["turn_spans"][0]
+        assert new.completion_ids[a:b] == old.completion_ids[a:b]  # the kept turn, token for token
+        assert new.actions[0] == old.actions[0] and new.info["replaced_from_turn"] == 1
+        assert new.actions[1:] == ACTIONS  # the teacher's turns, cut after their first action
+        spans = new.info["turn_spans"]
+        for k, (s, e) in enumerate(spans):
+            want = SOURCE_STUDENT if k == 0 else SOURCE_TEACHER
+            assert new.sources[s:e] == [want] * (e - s)
+            if k:
+                assert new.completion_ids[s:e] == tok.encode(ACTIONS[k - 1], add_special_tokens=False)
+        agent = {p for s, e in spans for p in range(s, e)}
+        for p, (src, lm) in enumerate(zip(new.sources, new.loss_mask)):
+            assert (src == SOURCE_ENV) == (p not in agent) == (lm == 0)
+        assert mask == [1] * (b - a) + [0] * (new.num_agent_tokens - (b - a))  # teacher tokens do not train
+        assert r == new.reward == new.f1 and new.answer.strip() == "Paris"  # the outcome reward: F1
+
+
+def test_all_accepted_keeps_the_student_trajectory_and_scores_every_turn():
+    policy, tok, roll, trajs = student_rollout(questions=1)
+    teacher = ScriptedTeacher(first=9, later=9)
+    sig = prepare(trajs, teacher, OVDConfig(threshold=5, train_on_teacher_tokens=True), Ctx(policy, roll))
+    assert sig.metrics["accept_rate"] == 1.0 and sig.metrics["teacher_tokens"] == 0
+    assert all(a is b for a, b in zip(sig.trajectories, trajs))
+    assert sorted(teacher.scored) == sorted(k + 1 for t in trajs for k in range(len(t.actions)))
+    assert sig.rewards == [t.reward for t in trajs]
+
+
+def test_teacher_tokens_train_when_asked():
+    policy, tok, roll, trajs = student_rollout(questions=1, group=1)
+    sig = prepare(trajs, ScriptedTeacher(first=1), OVDConfig(threshold=5, train_on_teacher_tokens=True), Ctx(policy, roll))
+    new = sig.trajectories[0]
+    assert new.info["replaced_from_turn"] == 0 and set(s for s in new.sources if s) == {SOURCE_TEACHER}
+    assert sig.train_masks[0] == [1] * new.num_agent_tokens and sig.metrics["teacher_tokens"] == new.num_agent_tokens
+
+
+def test_parse_score_takes_the_last_score():
+    assert parse_score("Score: 3. On reflection the answer matches. Score: 8") == 8
+    assert parse_score("**7**") == 7 and parse_score("no digit") is None and parse_score(None) is None
+
+
+def test_ovd_defaults_are_the_papers():
+    cfg, mcfg = resolve(["method=ovd"])
+    assert mcfg.mode == "replace" and cfg.env.reward == "f1" and mcfg.grader["readout"] == "expected"
+    assert resolve(["method=grpo"])[0].env.reward == "em"
+    assert resolve(["method=ovd", "env.reward=em"])[0].env.reward == "em"
+    from distill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="grader"):
+        resolve(["method=ovd", "+method.grader.colour=1"])
+
+
+# -- over HTTP ---------------------------------------------------------------------------------------
+class ChatServer(BaseHTTPRequestHandler):
+    """A chat endpoint: grades with (or, when ``with_logprobs`` is off, without) top log-probs of
+    the digit token, and acts with the next of ``ACTIONS``."""
+
+    with_logprobs = True
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        msgs = body["messages"]
+        if msgs[0]["role"] == "system":  # a grading request
+            digit = 7 if turns_shown(msgs) == 1 else 2
+            choice = {"message": {"role": "assistant", "content": f"Score: {digit}"}, "finish_reason": "stop"}
+            if body.get("logprobs") and self.with_logprobs:  # P(digit) = 0.5, P(digit - 1) = 0.5
+                top = [{"token": str(digit), "logprob": -0.6931}, {"token": str(digit - 1), "logprob": -0.6931},
+                       {"token": "x", "logprob": -9.0}]
+                choice["logprobs"] = {"content": [{"token": "Score", "logprob": 0.0, "top_logprobs": []},
+                                                  {"token": ":", "logprob": 0.0, "top_logprobs": []},
+                                                  {"token": " ", "logprob": 0.0, "top_logprobs": []},
+                                                  {"token": str(digit), "logprob": -0.6931, "top_logprobs": top}]}
+        else:  # acting: the server strips the stop string, as OpenAI does
+            action = ACTIONS[max(0, min(sum(m["role"] == "assistant" for m in msgs) - 1, 1))]
+            stop = next(s for s in body["stop"] if action.endswith(s))
+            choice = {"message": {"role": "assistant", "content": action[: -len(stop)]}, "finish_reason": "stop",
+                      "stop_reason": stop}
+        data = json.dumps({"choices": [choice]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def chat_url():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), ChatServer)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+    ChatServer.with_logprobs = True
+
+
+def test_http_grader_reads_the_expected_digit_and_falls_back_to_the_parsed_one(chat_url):
+    teacher = HttpTeacher(chat_url)
+    msgs = [[{"role": "system", "content": "grade"}, {"role": "user", "content": "[turn 1, agent] x"}]]
+    scores, m = grade(teacher, msgs, GraderConfig(readout="expected"))
+    assert scores == [pytest.approx(6.5)] and m["score_fallback"] == 0  # 0.5 * 7 + 0.5 * 6
+    ChatServer.with_logprobs = False
+    scores, m = grade(teacher, msgs, GraderConfig(readout="expected"))
+    assert scores == [7.0] and m["score_fallback"] == 1
+    scores, m = grade(teacher, msgs, GraderConfig(readout="digit"))
+    assert scores == [7.0] and m["score_fallback"] == 0
+    assert digit_distribution([{"token": "Score", "logprob": 0}, {"token": ": 4", "logprob": 0}]) is None
+
+
+def test_http_chat_teacher_continues_a_student_with_another_tokenizer(chat_url):
+    policy, tok, roll, trajs = student_rollout(questions=1)
+    teacher = HttpTeacher(chat_url)
+    sig = prepare(trajs, teacher, OVDConfig(threshold=5), Ctx(policy, roll))
+    for old, new in zip(trajs, sig.trajectories):
+        assert new.actions[1:] == ACTIONS and new.answer.strip() == "Paris"
+        s, e = new.info["turn_spans"][1]
+        assert new.sources[s:e] == [SOURCE_TEACHER] * (e - s)
+        assert new.completion_ids[s:e] == tok.encode(ACTIONS[0], add_special_tokens=False)
+    assert sig.metrics["teacher_score_mean"] == pytest.approx(4.0)  # turn 1: 0.5*7 + 0.5*6, turn 2: 0.5*2 + 0.5*1
+
+
+def test_history_messages_alternate_actions_and_observations():
+    ctx = {"prompt": "Q?", "actions": ["<search> a </search>", "<search> b </search>"], "observations": ["A", "B"]}
+    assert [m["role"] for m in history_messages(ctx)] == ["user", "assistant", "user", "assistant", "user"]
+    assert history_messages(ctx)[3]["content"] == "<search> b </search>"
+
+
+def test_chat_actor_over_openai_server_with_another_tokenizer():
+    """``agents.openai_server`` serves a model with a byte-level tokenizer; the student has
+    SmolLM2's. The teacher's text replies become student-tokenizer ids marked as the teacher's."""
+    from agents.openai_server import ModelServerProcess
+    from distill.methods.ovd import continue_with_teacher
+
+    policy, tok, roll, trajs = student_rollout(questions=1, group=1)
+    with ModelServerProcess("tiny-random", ["--threads", "1"]) as srv:
+        actor = ChatActor(HttpTeacher(srv.url), policy)
+        mixed = continue_with_teacher(trajs, {0: 1}, actor, policy, roll, temperature=1.0)[0]
+    assert not mixed.info["teacher_failed"] and len(mixed.actions) >= 2
+    old = trajs[0]
+    a, b = old.info["turn_spans"][0]
+    assert mixed.completion_ids[a:b] == old.completion_ids[a:b] and mixed.sources[a:b] == [SOURCE_STUDENT] * (b - a)
+    for k, (s, e) in enumerate(mixed.info["turn_spans"][1:], start=1):
+        assert mixed.sources[s:e] == [SOURCE_TEACHER] * (e - s)
+        assert mixed.completion_ids[s:e] == tok.encode(mixed.actions[k], add_special_tokens=False)[: e - s]
+
+
+def test_train_ovd_with_an_http_teacher(tmp_path, chat_url):
+    """The whole trainer, ``teacher=http``: every first turn scores 6.5 < 9.5, so the teacher
+    replaces every trajectory; its tokens are marked in the logged trajectories and, with
+    ``train_on_teacher_tokens``, train."""
+    from distill.train import train
+
+    cfg, mcfg = resolve(["model=tiny", "method=ovd", "teacher=http", f"teacher.url={chat_url}", "method.threshold=9.5",
+                         "method.train_on_teacher_tokens=true", "env.id=ToyVowel-v0", "env.eval_id=ToyVowel-eval-v0",
+                         "steps=1", "questions_per_step=2", "group_size=2", "max_tokens_per_turn=12", "max_total_tokens=32",
+                         "eval.questions=0", "progress=false", "threads=1", "tensorboard=false"])
+    train(cfg, mcfg, tmp_path / "run", resume=False)
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert line["replaced_trajectories"] == 4 and line["accept_rate"] == 0.0 and line["teacher_tokens"] > 0
+    assert line["teacher_score_mean"] == pytest.approx(6.5) and "logprob_drift" in line
+    recs = [json.loads(x) for x in (tmp_path / "run" / "trajectories" / "step_000001.jsonl").read_text().splitlines()]
+    assert all(set(r["sources"]) == {SOURCE_TEACHER} for r in recs)
