@@ -23,10 +23,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
+
+from agents.evaluation import episode_record, evaluate, summarise  # noqa: F401 (episode_record: re-exported)
 
 
 @dataclass
@@ -40,9 +43,9 @@ class EvalConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 3  # retrieved passages per search
-    max_turns: int = 4
-    max_tokens_per_turn: int = 500
-    max_total_tokens: int = 4096
+    max_turns: Optional[int] = None  # None: the env's own default (WebQA-v0: 4)
+    max_tokens_per_turn: int = 500  # agents.evaluation.MAX_TOKENS_PER_TURN
+    max_total_tokens: int = 4096  # agents.evaluation.MAX_TOTAL_TOKENS
     batch_size: int = 8  # episodes decoding at once (a finished one's place goes to the next question)
     schedule: str = "auto"  # rollout schedule: auto (continuous where the policy has it), lockstep, continuous
     dtype: str = "float32"
@@ -51,6 +54,11 @@ class EvalConfig:
     seed: int = 0
     threads: int = 0  # torch threads, 0 = torch's default
     env_kwargs: dict = field(default_factory=dict)
+    # teacher feedback at inference (benchmarks/feedback.py): the teacher scores each turn prefix
+    # and acts on from the first scoring below threshold; reported apart from the student's numbers
+    feedback: bool = False
+    teacher: str = "teacher"  # a local/embedded model name, or http://host:port/v1[#model]
+    threshold: float = 5.0
 
 
 def parse_config(argv: list[str], schema=EvalConfig):
@@ -151,51 +159,6 @@ def read_done(path: Path) -> dict[str, dict]:
     return done
 
 
-def episode_record(tr, dataset: str) -> dict:
-    info = tr.info
-    return {
-        "question_id": tr.question_id,
-        "dataset": dataset,
-        "question": tr.question,
-        "gold_answers": info.get("gold_answers"),
-        "actions": tr.actions,
-        "observations": tr.observations,
-        "retrieved_ids": info.get("all_retrieved_ids", []),
-        "answer": tr.answer,
-        "reward": tr.reward,
-        "em": tr.em,
-        "f1": tr.f1,
-        "cover_em": tr.cover_em,
-        "turns": len(tr.actions),
-        "searches": info.get("n_searches", 0),
-        "invalid_actions": tr.invalid_actions,
-        "truncation": tr.truncation,
-        "supporting_title_recall": info.get("supporting_title_recall"),
-        "prompt_tokens": len(tr.prompt_ids),
-        "completion_tokens": len(tr.completion_ids),
-        "agent_tokens": tr.num_agent_tokens,
-    }
-
-
-def summarise(recs: list[dict]) -> dict:
-    n = len(recs)
-    if not n:
-        return {"episodes": 0}
-    mean = lambda k: sum(float(r[k] or 0) for r in recs) / n  # noqa: E731
-    actions = sum(r["turns"] for r in recs)
-    return {
-        "episodes": n,
-        "em": mean("em"),
-        "f1": mean("f1"),
-        "cover_em": mean("cover_em"),
-        "avg_turns": mean("turns"),
-        "avg_searches": mean("searches"),
-        "invalid_action_rate": sum(r["invalid_actions"] for r in recs) / max(actions, 1),
-        "answered": sum(r["answer"] is not None for r in recs) / n,
-        "avg_agent_tokens": mean("agent_tokens"),
-    }
-
-
 def markdown_table(summary: dict[str, dict]) -> str:
     head = "| dataset | episodes | EM | F1 | cover-EM | avg turns | avg searches | invalid-action rate | answered |\n|---|---|---|---|---|---|---|---|---|"
     rows = [
@@ -216,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import envs  # noqa: F401
     from agents.policy import SamplingParams
-    from agents.rollout import rollout
     from corpora.cache import atomic_write_json, atomic_write_text
 
     out = Path(cfg.out)
@@ -226,8 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     if model_desc.startswith("scripted:"):  # byte-level ids: token budgets do not apply to scripts
         cfg.max_total_tokens = cfg.max_tokens_per_turn = 10**9
     sampling = SamplingParams(temperature=0.0 if cfg.greedy else cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
-    env_kwargs = dict(top_k=cfg.top_k, max_turns=cfg.max_turns, retriever=cfg.retriever, **OmegaConf.to_container(cfg.env_kwargs))
-    summary, fingerprint, t_all = {}, {}, time.perf_counter()
+    env_kwargs = dict(top_k=cfg.top_k, retriever=cfg.retriever, **OmegaConf.to_container(cfg.env_kwargs))
+    if cfg.max_turns is not None:
+        env_kwargs["max_turns"] = cfg.max_turns
+    teacher = None
+    if cfg.feedback:
+        from benchmarks.feedback import build_teacher
+
+        teacher = build_teacher(cfg.teacher, cfg.dtype)
+    summary, fingerprint, feedback, t_all = {}, {}, {}, time.perf_counter()
     for name, env_id in pairs:
         make_env = lambda: gym.make(env_id, **env_kwargs)  # noqa: E731
         probe = make_env().unwrapped
@@ -238,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         recs = [done[q["id"]] for q in questions if q["id"] in done]
         bar = tqdm(total=len(questions), initial=len(recs), desc=f"{name} [{model_desc}]", unit="q")
         t0 = time.perf_counter()
+        if teacher is not None:
+            from benchmarks.feedback import run_feedback
+
+            bar.reset(total=len(questions))
+            feedback[name] = run_feedback(policy, teacher, make_env, questions, name, out, sampling, cfg, bar)
+            todo, recs = [], [r for r in read_done(path).values() if r["question_id"] in {q["id"] for q in questions}]
         with open(path, "a", encoding="utf-8") as fh:
 
             def write(tr) -> None:  # each episode as it finishes: a kill loses only those under way
@@ -250,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix(EM=f"{summarise(recs)['em']:.3f}")
 
             if todo:
-                rollout(policy, make_env, [{"question_id": q["id"]} for q in todo], sampling=sampling,
-                        max_tokens_per_turn=cfg.max_tokens_per_turn, max_total_tokens=cfg.max_total_tokens,
-                        with_privileged=privileged, batch_size=cfg.batch_size, schedule=cfg.schedule, on_episode=write)
+                evaluate(policy, make_env, [q["id"] for q in todo], name, sampling=sampling,
+                         max_tokens_per_turn=cfg.max_tokens_per_turn, max_total_tokens=cfg.max_total_tokens,
+                         with_privileged=privileged, batch_size=cfg.batch_size, schedule=cfg.schedule, on_episode=write)
         order = {q["id"]: i for i, q in enumerate(questions)}
         recs.sort(key=lambda r: order[r["question_id"]])
         bar.close()
@@ -276,9 +251,15 @@ def main(argv: list[str] | None = None) -> int:
         "fingerprint": fingerprint,
         "seconds": round(time.perf_counter() - t_all, 2),
     }
+    if feedback:
+        report["feedback"] = feedback
     atomic_write_json(out / "summary.json", report)
     table = markdown_table(summary)
-    atomic_write_text(out / "summary.md", f"# {model_desc}\n\n{table}\n\ncode {report['code_version']}, top-k {cfg.top_k}, max turns {cfg.max_turns}\n")
+    if feedback:
+        from benchmarks.feedback import table as feedback_table
+
+        table += "\n\nWith teacher feedback at inference (the teacher's turns are not the student's):\n\n" + feedback_table(feedback)
+    atomic_write_text(out / "summary.md", f"# {model_desc}\n\n{table}\n\ncode {report['code_version']}, top-k {cfg.top_k}, max turns {probe.max_turns}\n")
     print("\n" + table)
     print(f"\nwrote {out}/summary.json, {out}/summary.md")
     return 0

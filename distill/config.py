@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -28,7 +28,7 @@ class EnvConfig:
     eval_id: str = "WebQA-v0"  # held-out questions (HotpotQA dev subset, never trained on)
     retriever: str = "bundled"
     top_k: int = 3
-    max_turns: int = 3
+    max_turns: Optional[int] = None  # None: the env's own default (WebQA-v0: 4)
     reward: str = "auto"  # em | f1 | cover_em; auto: AUTO_REWARD[method], else em
     protocol: str = "tags"
 

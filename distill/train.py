@@ -88,7 +88,9 @@ def make_env_factory(ec, env_id: str):
 
     if ec.name != "webqa":
         raise NotImplementedError(f"env={ec.name} is reserved for a later issue (Math-v0); use env=webqa")
-    kwargs = {"retriever": ec.retriever, "top_k": ec.top_k, "max_turns": ec.max_turns, "reward": ec.reward, "protocol": ec.protocol}
+    kwargs = {"retriever": ec.retriever, "top_k": ec.top_k, "reward": ec.reward, "protocol": ec.protocol}
+    if ec.max_turns is not None:  # else the env's own default
+        kwargs["max_turns"] = ec.max_turns
     return lambda: gym.make(env_id, **kwargs)
 
 
@@ -172,18 +174,16 @@ def micro_batch(model, samples: list[Sample], pad_id: int, denominator: float, l
 
 # -- evaluation ----------------------------------------------------------------------------------------
 def evaluate(policy, make_env, qids: list[str], cfg: TrainConfig, label: str = "eval") -> tuple[dict, list[dict]]:
+    """The held-out evaluation: ``agents.evaluation.evaluate`` with its defaults (the same as
+    ``benchmarks.eval``'s), greedy."""
     from tqdm import tqdm
 
-    from benchmarks.eval import episode_record, summarise
+    from agents.evaluation import evaluate as run_eval
 
     if not qids:
         return {"episodes": 0}, []
     with tqdm(total=len(qids), desc=f"held-out {label}", unit="q", disable=not cfg.progress, dynamic_ncols=True) as bar:
-        trajs = rollout(policy, make_env, [{"question_id": q} for q in qids], 1, SamplingParams(temperature=0.0),
-                        cfg.max_tokens_per_turn, cfg.max_total_tokens, seed=cfg.seed,
-                        progress=lambda done, total: bar.update(done - bar.n))
-    recs = [episode_record(t, "heldout") for t in trajs]
-    return summarise(recs), recs
+        return run_eval(policy, make_env, qids, "heldout", seed=cfg.seed, progress=lambda done, total: bar.update(done - bar.n))
 
 
 def peak_rss_mb() -> float:
@@ -441,7 +441,7 @@ def _postfix(line: dict) -> str:
 
 
 def _write_trajectories(run_dir: Path, step: int, trajs) -> None:
-    from benchmarks.eval import episode_record
+    from agents.evaluation import episode_record
 
     out = run_dir / "trajectories" / f"step_{step:06d}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
