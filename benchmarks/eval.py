@@ -56,6 +56,7 @@ class EvalConfig:
     env_kwargs: dict = field(default_factory=dict)
     # teacher feedback at inference (benchmarks/feedback.py): the teacher scores each turn prefix
     # and acts on from the first scoring below threshold; reported apart from the student's numbers
+    adapter: str = ""  # a peft adapter folder (a training run's final_adapter) applied to the model
     feedback: bool = False
     teacher: str = "teacher"  # a local/embedded model name, or http://host:port/v1[#model]
     threshold: float = 5.0
@@ -119,8 +120,19 @@ def build_policy(cfg):
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    return TransformersPolicy(model, tok), False, f"transformers:{cfg.model}:{cfg.dtype}"
+    if cfg.model == "tiny":  # the trainer's model=tiny (random, seeded like it): tests
+        from agents.models import tiny_random_model
+
+        model, tok = tiny_random_model("small", seed=cfg.seed)
+    else:
+        model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    desc = f"transformers:{cfg.model}:{cfg.dtype}"
+    if cfg.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg.adapter).eval()
+        desc += f"+{cfg.adapter}"
+    return TransformersPolicy(model, tok), False, desc
 
 
 def dataset_env_ids(spec: str) -> list[tuple[str, str]]:

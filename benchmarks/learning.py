@@ -1,0 +1,207 @@
+"""The learning benchmark: what each method does to the student, at equal budgets.
+
+    python -m benchmarks.learning                                # every method, resumable
+    python -m benchmarks.learning methods=grpo,ovd steps=12      # a subset
+    python -m benchmarks.learning report_only=true               # table, JSON and PNG of what is done
+
+Same student (the embedded Qwen2.5-Coder-0.5B + LoRA), same embedded teacher, same training
+questions (the HotpotQA train sample), same seed, same step budget (``steps`` x
+``questions_per_step`` x ``group_size`` episodes) for every method. Each method trains in its own
+``python -m distill.run`` process (``output_dir=OUT/runs/<method>``, ``resume=true``), first to
+``steps // 2``, then to ``steps``. At step 0 (shared: the same initial student), the midpoint and
+the end, the student (with that run's adapter) is evaluated greedily by ``benchmarks.eval`` -
+the one evaluation function, with its defaults - on the first ``heldout`` questions of HotpotQA
+dev, which no run trains on. Every phase resumes where a kill left it: training from its last
+checkpoint, evaluation episode by episode; a finished phase is skipped.
+
+Writes ``OUT/learning.json`` (``{"methods": {name: {"steps", "heldout": {"before", "mid",
+"after"}, "curve": [per-step metrics]}}, "settings": {...}}``), ``OUT/learning.png`` (held-out EM
+and train reward against step, every method) and ``OUT/README.md`` (the table), and prints the
+table. Runs are float32: on this CPU bfloat16 rollouts were slower (``results/rollout_speed_*``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# method -> distill.run overrides (the teacher is each method's default: teacher=auto)
+METHODS: dict[str, list[str]] = {
+    "grpo": ["method=grpo"],
+    "ovd": ["method=ovd"],  # the published default: mode=replace, F1 reward
+    "ovd_reward": ["method=ovd", "method.mode=reward"],  # the other reading: S/9 mixed into the reward
+    "opd": ["method=opd"],
+    "opsd": ["method=opsd"],
+    "eopd": ["method=eopd"],
+    "oprd": ["method=oprd"],
+}
+CURVE_KEYS = ("reward", "em", "f1", "answered", "invalid_action_rate", "teacher_score_mean", "teacher_score_std", "accept_rate",
+              "teacher_tokens", "replaced_turns", "loss", "logprob_drift", "seconds", "seconds_rollout", "seconds_teacher",
+              "seconds_update", "peak_anon_mb")
+
+
+@dataclass
+class LearningConfig:
+    methods: str = "grpo,ovd,ovd_reward,opd,opsd"
+    steps: int = 12
+    questions_per_step: int = 2
+    group_size: int = 4
+    heldout: int = 100
+    model: str = "student"
+    seed: int = 0
+    threads: int = 2
+    out: str = "results/learning"
+    report_only: bool = False
+    extra: str = ""  # more distill.run overrides for every method, space-separated
+    eval_extra: str = ""  # more benchmarks.eval overrides (tests: smaller budgets); not for reported runs
+
+
+def run(args: list[str], log: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write(f"\n$ {' '.join(args)}\n")
+        fh.flush()
+        p = subprocess.run(args, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    if p.returncode != 0:
+        raise SystemExit(f"failed ({p.returncode}): {' '.join(args)}; see {log}")
+
+
+def heldout(cfg: LearningConfig, out: Path, label: str, adapter: str = "") -> dict:
+    """The held-out evaluation (resumable episode by episode); its summary."""
+    folder = out / "heldout" / label
+    done = folder / "summary.json"
+    if done.exists():
+        s = json.loads(done.read_text())
+        if s["summary"].get("hotpotqa", {}).get("episodes") == cfg.heldout:
+            return s["summary"]["hotpotqa"]
+    args = [sys.executable, "-m", "benchmarks.eval", f"model={cfg.model}", "datasets=hotpotqa", f"limit={cfg.heldout}",
+            f"out={folder}", f"threads={cfg.threads}", f"seed={cfg.seed}", *cfg.eval_extra.split()] + ([f"adapter={adapter}"] if adapter else [])
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"  held-out {label}: {cfg.heldout} questions", flush=True)
+    run(args, out / "logs" / f"eval_{label}.log")
+    return json.loads(done.read_text())["summary"]["hotpotqa"]
+
+
+def train_to(cfg: LearningConfig, out: Path, name: str, steps: int) -> None:
+    run_dir = out / "runs" / name
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+    if len(lines) >= steps and (run_dir / "final_adapter").exists() and json.loads(lines[-1])["step"] >= steps:
+        return
+    args = [sys.executable, "-m", "distill.run", *METHODS[name], f"model={cfg.model}", f"steps={steps}",
+            f"questions_per_step={cfg.questions_per_step}", f"group_size={cfg.group_size}", f"seed={cfg.seed}",
+            f"threads={cfg.threads}", "eval.questions=0", "progress=false", "tensorboard=false", f"output_dir={run_dir}",
+            "resume=true", *cfg.extra.split()]
+    print(f"  {name}: training to step {steps}", flush=True)
+    run(args, out / "logs" / f"train_{name}.log")
+
+
+def curve(run_dir: Path) -> list[dict]:
+    p = run_dir / "metrics.jsonl"
+    if not p.exists():
+        return []
+    return [{k: x[k] for k in ("step", *CURVE_KEYS) if k in x} for x in map(json.loads, p.read_text().splitlines())]
+
+
+def report(cfg: LearningConfig, out: Path, names: list[str]) -> dict:
+    from corpora.cache import atomic_write_json, atomic_write_text
+
+    before = _summary(out / "heldout" / "before", cfg.heldout)
+    res = {"methods": {}, "settings": {k: getattr(cfg, k) for k in LearningConfig.__dataclass_fields__}}
+    for name in names:
+        c = curve(out / "runs" / name)
+        res["methods"][name] = {
+            "overrides": METHODS[name], "steps": len(c), "curve": c,
+            "heldout": {"before": before, "mid": _summary(out / "heldout" / f"{name}_mid", cfg.heldout),
+                        "after": _summary(out / "heldout" / f"{name}_after", cfg.heldout)},
+            "seconds_per_step": sum(x["seconds"] for x in c) / len(c) if c else None,
+            "peak_anon_mb": max((x.get("peak_anon_mb", 0) for x in c), default=None),
+        }
+    atomic_write_json(out / "learning.json", res)
+    table = markdown(res)
+    atomic_write_text(out / "README.md", "# Learning benchmark\n\n`python -m benchmarks.learning " +
+                      f"methods={cfg.methods} steps={cfg.steps}`\n\n{table}\n\nSee learning.json for per-step curves, learning.png for the plot.\n")
+    _plot(res, out / "learning.png", cfg.steps)
+    print(table)
+    return res
+
+
+def _summary(folder: Path, n: int) -> dict | None:
+    p = folder / "summary.json"
+    if not p.exists():
+        return None
+    s = json.loads(p.read_text())["summary"].get("hotpotqa")
+    return {"em": s["em"], "f1": s["f1"], "n": s["episodes"], "answered": s["answered"], "complete": s["episodes"] == n} if s else None
+
+
+def markdown(res: dict) -> str:
+    head = "| method | steps | EM before | EM mid | EM after | F1 before | F1 mid | F1 after | n | s/step | peak anon MB |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    f = lambda s, k: f"{s[k]:.3f}" if s else "-"  # noqa: E731
+    rows = []
+    for name, m in res["methods"].items():
+        h = m["heldout"]
+        n = next((s["n"] for s in (h["after"], h["mid"], h["before"]) if s), "-")
+        rows.append(f"| {name} | {m['steps']} | {f(h['before'], 'em')} | {f(h['mid'], 'em')} | {f(h['after'], 'em')} | "
+                    f"{f(h['before'], 'f1')} | {f(h['mid'], 'f1')} | {f(h['after'], 'f1')} | {n} | "
+                    f"{m['seconds_per_step']:.0f} | {m['peak_anon_mb']:.0f} |" if m["steps"] else
+                    f"| {name} | 0 | {f(h['before'], 'em')} | - | - | {f(h['before'], 'f1')} | - | - | {n} | - | - |")
+    return "\n".join([head, *rows])
+
+
+def _plot(res: dict, path: Path, steps: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, m in res["methods"].items():
+        pts = [(0, m["heldout"]["before"]), (steps // 2, m["heldout"]["mid"]), (steps, m["heldout"]["after"])]
+        pts = [(x, s["em"]) for x, s in pts if s]
+        if pts:
+            a.plot(*zip(*pts), marker="o", label=name)
+        if m["curve"]:
+            b.plot([x["step"] for x in m["curve"]], [x["reward"] for x in m["curve"]], marker=".", label=name)
+    a.set(title="held-out EM (HotpotQA dev)", xlabel="step")
+    b.set(title="train reward", xlabel="step")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from omegaconf import OmegaConf
+
+    from benchmarks.eval import parse_config
+
+    cfg = LearningConfig(**OmegaConf.to_container(parse_config(sys.argv[1:] if argv is None else argv, LearningConfig)))
+    names = [m.strip() for m in cfg.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"error: unknown method(s) {unknown}; known: {sorted(METHODS)}")
+    out = Path(cfg.out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    if not cfg.report_only:
+        t0 = time.perf_counter()
+        heldout(cfg, out, "before")
+        for name in names:
+            for phase, steps in (("mid", cfg.steps // 2), ("after", cfg.steps)):
+                train_to(cfg, out, name, steps)
+                heldout(cfg, out, f"{name}_{phase}", str(out / "runs" / name / "final_adapter"))
+            print(f"{name}: done ({time.perf_counter() - t0:.0f} s so far)", flush=True)
+    report(cfg, out, names)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

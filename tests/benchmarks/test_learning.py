@@ -1,0 +1,25 @@
+"""The learning benchmark end to end on the tiny random model: two phases per method, held-out
+evaluations before / mid / after, a resumed call that finds everything done, the JSON of the
+stated form and the PNG."""
+import json
+
+from benchmarks.learning import main
+
+
+def test_learning_benchmark_runs_resumes_and_reports(tmp_path):
+    out = tmp_path / "learning"
+    args = ["methods=grpo", "steps=2", "questions_per_step=1", "group_size=2", "heldout=2", "model=tiny", "threads=1",
+            f"out={out}", "extra=max_tokens_per_turn=8 max_total_tokens=96 env.max_turns=2",
+            "eval_extra=max_tokens_per_turn=8 max_turns=2"]
+    assert main(args) == 0
+    res = json.loads((out / "learning.json").read_text())
+    m = res["methods"]["grpo"]
+    assert m["steps"] == 2 and [x["step"] for x in m["curve"]] == [1, 2]
+    for phase in ("before", "mid", "after"):
+        assert m["heldout"][phase]["n"] == 2 and m["heldout"][phase]["complete"]
+    assert {"reward", "answered", "invalid_action_rate", "seconds_rollout", "peak_anon_mb", "logprob_drift"} <= set(m["curve"][0])
+    assert res["settings"]["steps"] == 2
+    assert (out / "learning.png").stat().st_size > 0 and "grpo" in (out / "README.md").read_text()
+    stamp = (out / "runs" / "grpo" / "metrics.jsonl").stat().st_mtime
+    assert main(args) == 0  # everything done: nothing retrained
+    assert (out / "runs" / "grpo" / "metrics.jsonl").stat().st_mtime == stamp
