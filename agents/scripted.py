@@ -5,7 +5,8 @@ Both speak the ``tags`` protocol through plain text, like any LLM would:
 
 * ``OracleAgent`` reads ``env.unwrapped.privileged()``: it searches each gold supporting
   title (as many as the turn budget allows, keeping one turn to answer), then answers with
-  the first gold alias. EM must be 1.0: it checks that env, corpus, grading and registry fit.
+  the first gold alias, so it answers by the last turn allowed (``max_turns`` from the env's
+  reset info). EM must be 1.0: it checks that env, corpus, grading and registry fit.
 * ``BaselineAgent`` sees only the question. It searches the question verbatim and answers
   from the top passage by this heuristic (documented so its EM can be reproduced):
   1. yes/no question (starts with is/are/was/were/do/does/did/can/could/has/have/had/will/
@@ -40,11 +41,16 @@ class OracleAgent:
 
     name = "oracle"
 
-    def reset(self, prompt: str, info: dict, privileged: dict | None = None, max_turns: int = 4) -> None:
+    def reset(self, prompt: str, info: dict, privileged: dict | None = None, max_turns: int | None = None) -> None:
+        """Plan the episode. The turn limit is the env's (``info["max_turns"]``); ``max_turns``
+        is for envs whose info lacks it."""
         if privileged is None:
             raise ValueError("the oracle needs env.unwrapped.privileged()")
+        max_turns = info.get("max_turns", max_turns)
+        if max_turns is None:
+            raise ValueError("the oracle needs the env's turn limit: info['max_turns'] or max_turns=")
         titles = privileged.get("supporting_titles") or [privileged["question"]]
-        self.plan = [f"<search>{t}</search>" for t in titles[: max(0, max_turns - 1)]]
+        self.plan = [f"<search>{t}</search>" for t in titles[: max(0, int(max_turns) - 1)]]
         self.plan.append(f"<answer>{privileged['answers'][0]}</answer>")
 
     def act(self, observation: str) -> str:

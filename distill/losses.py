@@ -6,9 +6,9 @@ across a micro-batch (any leading dims work where ``..._T`` is written), ``V`` v
 A ``mask_B_T`` is 1 on agent tokens (``loss_mask``) and 0 on prompt, observation and padding.
 
 Every function here is tested on its identities in ``tests/distill/test_losses.py``
-(METHODS.md, last section): zero signal when teacher equals student, generalised JSD at
-beta 0 / 1 equals forward / reverse KL, group advantages sum to zero per group, and masked
-positions receive no gradient.
+(METHODS.md, last section): zero signal when teacher equals student, generalised JSD
+continuous at both ends (beta 0 / 1 are forward / reverse KL), and masked positions receive no
+gradient. Group and per-turn advantages live in ``distill.advantages``.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from distill.advantages import group_advantages  # noqa: F401  (re-exported; the advantages live there)
 
 
 def _up(x: torch.Tensor) -> torch.Tensor:
@@ -33,18 +35,6 @@ def masked_mean(values_B_T: torch.Tensor, mask_B_T: torch.Tensor, denominator: f
     total = (values_B_T * mask).sum()
     den = mask.sum().clamp(min=1.0) if denominator is None else max(float(denominator), 1.0)
     return total / den
-
-
-def group_advantages(rewards_P_G: torch.Tensor, eps: float = 1e-6, scale: bool = True) -> torch.Tensor:
-    """GRPO advantages: ``(r - mean_group(r)) / (std_group(r) + eps)``; zero mean per group.
-
-    ``std`` is the population std (0 for a group of one, which then gets advantage 0).
-    ``scale=False`` gives Dr.GRPO's mean-centring only.
-    """
-    centred = rewards_P_G - rewards_P_G.mean(dim=-1, keepdim=True)
-    if not scale:
-        return centred
-    return centred / (rewards_P_G.std(dim=-1, unbiased=False, keepdim=True) + eps)
 
 
 def token_logprobs(logits_N_V: torch.Tensor, ids_N: torch.Tensor) -> torch.Tensor:
@@ -104,9 +94,12 @@ def reverse_kl(student_logits_N_V: torch.Tensor, teacher_logits_N_V: torch.Tenso
 
 
 def generalized_jsd(student_logits_N_V: torch.Tensor, teacher_logits_N_V: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
-    """Generalised JSD per position (GKD): with ``m = beta p + (1 - beta) q``,
-    ``beta KL(p || m) + (1 - beta) KL(q || m)``; beta=0 is KL(q || p) (forward),
-    beta=1 is KL(p || q) (reverse).
+    """Generalised JSD per position in GKD's (and TRL's) convention, teacher q, student p:
+    ``m = beta q + (1 - beta) p``, ``JSD_beta = beta KL(q || m) + (1 - beta) KL(p || m)``.
+
+    beta=0 is forward KL(q || p) and beta=1 reverse KL(p || q), as limits of the formula
+    (``JSD_beta / beta -> KL(q || p)`` as beta -> 0, ``JSD_beta / (1 - beta) -> KL(p || q)`` as
+    beta -> 1); the endpoints are computed as those KLs. beta=0.5 is the symmetric JSD.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
@@ -116,10 +109,10 @@ def generalized_jsd(student_logits_N_V: torch.Tensor, teacher_logits_N_V: torch.
         return reverse_kl(student_logits_N_V, teacher_logits_N_V)
     logp = torch.log_softmax(_up(student_logits_N_V), -1)
     logq = torch.log_softmax(_up(teacher_logits_N_V), -1)
-    logm = torch.logsumexp(torch.stack([logp + math.log(beta), logq + math.log(1.0 - beta)]), dim=0)
-    kl_pm = (logp.exp() * (logp - logm)).sum(-1)
+    logm = torch.logsumexp(torch.stack([logq + math.log(beta), logp + math.log(1.0 - beta)]), dim=0)
     kl_qm = (logq.exp() * (logq - logm)).sum(-1)
-    return beta * kl_pm + (1.0 - beta) * kl_qm
+    kl_pm = (logp.exp() * (logp - logm)).sum(-1)
+    return beta * kl_qm + (1.0 - beta) * kl_pm
 
 
 def topk_reverse_kl(student_logprobs_N_K: torch.Tensor, teacher_logprobs_N_K: torch.Tensor) -> torch.Tensor:
@@ -135,17 +128,23 @@ def topk_reverse_kl(student_logprobs_N_K: torch.Tensor, teacher_logprobs_N_K: to
 
 def topk_forward_kl(teacher_topk_logprobs_N_K: torch.Tensor, student_logprobs_N_K: torch.Tensor) -> torch.Tensor:
     """``KL(q~ || p)`` with q~ the teacher renormalised on its own top-k tokens and p the student's
-    full-vocabulary log-probs gathered at those tokens (eopd's forward term)."""
+    full-vocabulary log-probs gathered at those tokens (eopd's forward term, METHODS.md). Not 0
+    at p = q unless k = V: it is then ``-log(top-k mass)``."""
     logq_tilde = teacher_topk_logprobs_N_K - torch.logsumexp(teacher_topk_logprobs_N_K, dim=-1, keepdim=True)
     return (logq_tilde.exp() * (logq_tilde - student_logprobs_N_K)).sum(-1)
 
 
-def hidden_mse(student_hidden_L_N_D: torch.Tensor, teacher_hidden_L_N_D: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-    """Mean over layers, tokens and dims of ``(h_S - sg(h_T))^2`` (oprd). ``normalize`` compares
+def hidden_sq_err_N(student_hidden_L_N_D: torch.Tensor, teacher_hidden_L_N_D: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """Per row: mean over layers and dims of ``(h_S - sg(h_T))^2`` (oprd). ``normalize`` compares
     L2-normalised vectors (the bridge mode)."""
     hs, ht = _up(student_hidden_L_N_D), _up(teacher_hidden_L_N_D.detach())
     if normalize:
         hs, ht = F.normalize(hs, dim=-1), F.normalize(ht, dim=-1)
-    if hs.numel() == 0:
-        return hs.sum() * 0.0
-    return ((hs - ht) ** 2).mean()
+    return ((hs - ht) ** 2).mean(dim=(0, 2))
+
+
+def hidden_mse(student_hidden_L_N_D: torch.Tensor, teacher_hidden_L_N_D: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """Mean over layers, tokens and dims of ``(h_S - sg(h_T))^2`` (oprd); 0 with no rows."""
+    if student_hidden_L_N_D.numel() == 0:
+        return _up(student_hidden_L_N_D).sum() * 0.0
+    return hidden_sq_err_N(student_hidden_L_N_D, teacher_hidden_L_N_D, normalize).mean()

@@ -28,7 +28,8 @@ Only the answer action is rewarded: ``reward="em"`` (default), ``"f1"`` or ``"co
 if the episode had any invalid action or ended without an answer.
 
 ## Episode end
-Terminated on an answer. Truncated when ``max_turns`` turns (valid or not) pass without one:
+Terminated on an answer. Truncated when ``max_turns`` turns (valid or not) pass without one
+(``reset``'s info carries ``max_turns``, so an agent can plan for it):
 the observation before the last turn warns that the next turn must answer, and the final
 observation says the turn limit was reached. ``info`` at the end carries ``answer``, ``em``,
 ``f1``, ``cover_em``, ``gold_answers``, ``searches``, ``supporting_title_recall`` and more.
@@ -181,7 +182,8 @@ class WebQAEnv(gym.Env[str, str]):
         self._done = False
         prompt = self.prompt_template.format(question=ex["question"].strip(), max_turns=self.max_turns)
         self._transcript = [prompt]
-        info = {"question_id": ex["id"], "question": ex["question"], "dataset": ex.get("dataset", self.dataset), "turn": 0}
+        info = {"question_id": ex["id"], "question": ex["question"], "dataset": ex.get("dataset", self.dataset), "turn": 0,
+                "max_turns": self.max_turns}
         return prompt, info
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict]:

@@ -4,8 +4,15 @@
 ``L_opd`` is the k1 policy-gradient form of opd, ``H`` the teacher's entropy in nats over the
 full vocabulary, ``q~`` the teacher renormalised on its own top-``topk`` tokens and ``p`` the
 student's full-vocabulary log-probs gathered at those tokens. Divided by all agent tokens, not
-only the gated ones (METHODS.md). Defaults tau=0.8, alpha=1, k=16 as reported. Teacher rows
-are computed per micro-batch from a local teacher's distribution.
+only the gated ones. Defaults tau=0.8, alpha=1, k=16 as reported. Teacher rows are computed
+per micro-batch from a local teacher's distribution.
+
+Choice: the forward term follows the paper's definition as METHODS.md states it (the paper's
+full text was not in reach to cite an equation number): the student is NOT renormalised on the
+top-k. So at teacher == student the term is ``-log(top-k mass of q) > 0`` per gated token, and
+its gradient (``p_j - q~_j`` on the logits) moves the student's mass into the teacher's top-k: a
+declared exemption from the zero-signal identity (tests/distill/test_methods.py asserts that
+value). Renormalising the student too would restore the identity but depart from the paper.
 """
 from __future__ import annotations
 

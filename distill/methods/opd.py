@@ -5,7 +5,8 @@ advantage is ``env_weight * A_env + kl_coef * (log q_t(y_t) - log p_t(y_t))`` (t
 estimate of -KL(p || q)), fed to the shared policy-gradient loss. Works with any teacher that
 returns log-probs of given tokens, including an HTTP endpoint that returns prompt log-probs.
 ``form=topk``: reverse KL restricted to the student's top-``topk`` tokens at each position,
-``form=jsd``: full-vocabulary generalised JSD with ``beta`` (0 forward KL, 1 reverse KL, GKD);
+``form=jsd``: full-vocabulary generalised JSD in GKD's/TRL's convention, ``m = beta q + (1-beta) p``
+(``beta=0`` forward KL(q || p), ``beta=1`` reverse KL(p || q), 0.5 symmetric; ``losses.generalized_jsd``);
 both add ``kl_coef * term`` to the policy-gradient loss on the env advantage and need the
 teacher's full distribution (a local teacher; computed per micro-batch, never for the whole
 batch at once). Teacher and student must share a tokenizer (checked at start-up).
@@ -27,7 +28,7 @@ class OPDConfig(MethodConfig):
     kl_coef: float = 1.0
     form: str = "k1"  # k1 | topk | jsd
     topk: int = 16
-    beta: float = 0.5  # jsd only
+    beta: float = 0.5  # jsd only: 0 forward KL(q||p), 1 reverse KL(p||q) (GKD/TRL)
 
     def __post_init__(self):
         if self.form not in ("k1", "topk", "jsd"):

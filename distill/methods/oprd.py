@@ -2,7 +2,10 @@
 
 ``L = mean over layers l, agent tokens t, dims of (h_S^l_t - sg(h_T^l_t))^2`` over the block
 outputs of ``layers`` (``all`` or a comma list, 1-based) at the last ``positions`` agent tokens
-of each sequence (0 = all of them). No LM head is involved.
+of each sequence (0 = all of them). No LM head is involved. The mean over ``t`` is over the
+selected positions of the whole step: ``prepare`` gives each selected token the weight
+``1 / (selected positions of the step's kept trajectories)`` (extra ``oprd_weight``), so ``mu``
+means the same whatever the number of unselected agent tokens, and micro-batches add up.
 
 Same depth and width (e.g. ``teacher=self``): no projection. Otherwise the bridge: student
 layer l maps to teacher layer ``round((l-1)/(L_S-1)*(L_T-1))+1``; a frozen PCA projector to
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.losses import hidden_mse, masked_mean
+from distill.losses import hidden_sq_err_N, masked_mean
 from distill.methods import Method, MethodConfig, Signal, env_signal, pg_term
 from distill.methods.opd import agent_targets
 
@@ -58,6 +61,18 @@ def needs(cfg) -> frozenset[str]:
     return frozenset({"hidden_states"} | ({"logprobs"} if cfg.opd_coef > 0 else set()))
 
 
+def selection_weights(trajectories, kept: list[bool], k: int) -> list[list[float]]:
+    """Per agent token: ``1 / n_selected`` at the last ``k`` agent tokens (all when ``k=0``) of
+    each kept trajectory, else 0; ``n_selected`` counts the selected tokens of the whole step."""
+    flags = []
+    for t, keep in zip(trajectories, kept):
+        n = sum(t.loss_mask)
+        first = 0 if k <= 0 else max(n - k, 0)
+        flags.append([float(keep and j >= first) for j in range(n)])
+    total = max(sum(map(sum, flags)), 1.0)
+    return [[f / total for f in fs] for fs in flags]
+
+
 def prepare(trajectories, teacher, cfg, ctx) -> Signal:
     sig = env_signal(trajectories, cfg.env_weight)
     if cfg.opd_coef > 0:
@@ -67,6 +82,7 @@ def prepare(trajectories, teacher, cfg, ctx) -> Signal:
         for i, x in enumerate(lq):
             if x is None:
                 sig.rewards[i] = None
+    sig.extras["oprd_weight"] = selection_weights(trajectories, [r is not None for r in sig.rewards], cfg.positions)
     if "bridge" not in ctx.state:
         ctx.state["bridge"] = fit_bridge(trajectories, teacher, cfg, ctx)
     return sig
@@ -115,16 +131,17 @@ def loss(mb, teacher, cfg):
     h_t = teacher.hidden_states(mb.seqs, sel, lt)
     bridge = mb.state.get("bridge")
     if bridge is None:
-        term = hidden_mse(h_s, h_t)
+        err = hidden_sq_err_N(h_s, h_t)
     else:
         z_s = torch.einsum("lnd,ldr->lnr", h_s - bridge["mu_s"], bridge["proj_s"])
         z_t = torch.einsum("lnd,ldr->lnr", h_t - bridge["mu_t"], bridge["proj_t"])
-        term = hidden_mse(z_s, z_t, normalize=True)
-    # hidden_mse is a mean over the selected rows; weight it by this micro-batch's share of rows
-    share = rows.sum().item() / max(mb.denominator, 1.0)
+        err = hidden_sq_err_N(z_s, z_t, normalize=True)
+    # weights 1 / (selected positions of the step): summed over micro-batches, the mean over them
+    w = mb.extras["oprd_weight"].to(err.device)[rows]
+    term = (err * w).sum()
     m.update(m2)
-    m["oprd_mse"] = float(term.detach())
-    return pg + cfg.mu * term * share, m
+    m["oprd_mse"] = float(err.detach().mean()) if err.numel() else 0.0
+    return pg + cfg.mu * term, m
 
 
 def _row_mask(targets: list[list[int]], selected: list[list[int]]) -> torch.Tensor:

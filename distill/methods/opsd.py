@@ -4,8 +4,9 @@ The teacher is the student's initial policy (``teacher=self``: the LoRA adapters
 privileged information in its prompt: the gold answers and gold supporting passages from
 ``env.unwrapped.privileged()``, placed before the normal prompt. It scores the student's own
 tokens: the teacher sequence is ``privileged prompt + the same completion ids``. Loss:
-``form=jsd`` (default) full-vocabulary generalised JSD with ``beta=0.5`` per agent token
-(teacher rows per micro-batch), or ``form=k1`` the sampled-token advantage as in opd. The env
+``form=jsd`` (default) full-vocabulary generalised JSD with ``beta=0.5`` per agent token (GKD/TRL
+convention, ``losses.generalized_jsd``: 0 forward KL, 1 reverse KL, 0.5 symmetric; teacher rows
+per micro-batch), or ``form=k1`` the sampled-token advantage as in opd. The env
 reward enters through ``env_weight`` (default 0: pure self-distillation).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ class OPSDConfig(MethodConfig):
     name: str = "opsd"
     env_weight: float = 0.0
     form: str = "jsd"  # jsd | k1
-    beta: float = 0.5
+    beta: float = 0.5  # jsd only: 0 forward KL(q||p), 1 reverse KL(p||q) (GKD/TRL)
     kl_coef: float = 1.0
     privileged_chars: int = 2000  # characters of gold passages put in the teacher's prompt
 

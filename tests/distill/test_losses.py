@@ -1,4 +1,4 @@
-"""Identities of the pure loss functions (METHODS.md, last section)."""
+"""Identities of the pure loss functions (METHODS.md, last section); advantages: test_advantages.py."""
 import math
 
 import pytest
@@ -14,27 +14,32 @@ def logits(*shape):
     return torch.randn(*shape, V, dtype=torch.float64) * 2
 
 
-def test_group_advantages_zero_mean_unit_std_per_group():
-    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.2, 0.4, 0.9, 0.1], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
-    a = L.group_advantages(r)
-    assert torch.allclose(a.mean(-1), torch.zeros(3, dtype=torch.float64), atol=1e-12)
-    assert torch.allclose(a[:2].std(-1, unbiased=False), torch.ones(2, dtype=torch.float64), atol=1e-4)
-    assert torch.equal(a[2], torch.zeros(4, dtype=torch.float64))  # no signal in a tied group
-    assert torch.allclose(L.group_advantages(r, scale=False).sum(-1), torch.zeros(3, dtype=torch.float64), atol=1e-12)
-
-
-@pytest.mark.parametrize("beta", [0.0, 1.0])
-def test_jsd_endpoints_are_the_two_kls(beta):
+def test_jsd_endpoints_equal_forward_and_reverse_kl():
+    # GKD/TRL convention: beta=0 is KL(q || p) (forward), beta=1 is KL(p || q) (reverse)
     p, q = logits(7), logits(7)
-    got = L.generalized_jsd(p, q, beta)
-    want = L.forward_kl(p, q) if beta == 0.0 else L.reverse_kl(p, q)
-    assert torch.allclose(got, want, atol=1e-10)
+    assert torch.allclose(L.generalized_jsd(p, q, 0.0), L.forward_kl(p, q), atol=1e-10)
+    assert torch.allclose(L.generalized_jsd(p, q, 1.0), L.reverse_kl(p, q), atol=1e-10)
+    assert not torch.allclose(L.forward_kl(p, q), L.reverse_kl(p, q), rtol=1e-2)  # the two ends differ here
 
 
-def test_jsd_limits_and_symmetry():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_jsd_continuous_at_both_ends(seed):
+    # the mixture formula's limits must be the endpoint values: JSD/beta -> KL(q||p) as beta -> 0,
+    # JSD/(1-beta) -> KL(p||q) as beta -> 1 (JSD itself -> 0 at both ends)
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(5, V, dtype=torch.float64, generator=g) * 2
+    q = torch.randn(5, V, dtype=torch.float64, generator=g) * 2
+    b = 1e-5  # the relative error is O(beta): about 2e-3 here
+    assert torch.allclose(L.generalized_jsd(p, q, b) / b, L.forward_kl(p, q), rtol=1e-2)
+    assert torch.allclose(L.generalized_jsd(p, q, 1 - b) / b, L.reverse_kl(p, q), rtol=1e-2)
+    assert torch.allclose(L.generalized_jsd(p, q, b) / b, L.generalized_jsd(p, q, 0.0), rtol=1e-2)
+    assert torch.allclose(L.generalized_jsd(p, q, 1 - b) / b, L.generalized_jsd(p, q, 1.0), rtol=1e-2)
+
+
+def test_jsd_is_symmetric_at_one_half_bounded_and_nonnegative():
     p, q = logits(5), logits(5)
-    # the mixture formula (beta in (0,1)) approaches the endpoints: JSD_beta / beta -> ... at small beta it is ~0
     assert torch.allclose(L.generalized_jsd(p, q, 0.5), L.generalized_jsd(q, p, 0.5), atol=1e-10)
+    assert torch.allclose(L.generalized_jsd(p, q, 0.3), L.generalized_jsd(q, p, 0.7), atol=1e-10)  # beta <-> 1-beta swaps p, q
     assert (L.generalized_jsd(p, q, 0.5) <= math.log(2) + 1e-9).all()
     assert (L.generalized_jsd(p, q, 0.3) >= 0).all()
     with pytest.raises(ValueError):

@@ -22,6 +22,14 @@ def test_check_env_every_registered_id(env_id):
     prompt, info = env.reset(seed=1)
     assert env.observation_space.contains(prompt) and "Question:" in prompt or "question" in prompt.lower()
     assert "answers" not in info and "supporting_titles" not in info
+    assert info["max_turns"] == env.unwrapped.max_turns  # the env owns its turn limit; agents read it here
+
+
+@pytest.mark.parametrize("max_turns", [1, 2, 7])
+def test_reset_info_carries_the_turn_limit(max_turns):
+    env = gym.make("WebQA-v0", max_turns=max_turns)
+    assert env.reset(seed=0)[1]["max_turns"] == max_turns
+    assert gym.make("WebQA-v0").reset(seed=0)[1]["max_turns"] == 4  # the env's default
 
 
 def _play(env, seed, actions):
