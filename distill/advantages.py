@@ -56,3 +56,34 @@ def turn_advantages(
     mean = float(r[0, 0]) if tied else float(r.mean())  # the exact common value, no rounding
     den = float(r.std(unbiased=False)) + eps if scale else 1.0
     return [[(float(x) - mean) / den for x in xs] for xs in token_rewards_G_T]
+
+
+def sample_advantages(
+    rewards: Sequence[float | None],
+    num_tokens: Sequence[int],
+    group_size: int,
+    scale: bool = True,
+    token_rewards: Sequence[Sequence[float]] | None = None,
+    weight: float = 1.0,
+) -> list[list[float] | None]:
+    """Per trajectory, the advantage of each of its ``num_tokens[i]`` agent tokens, times
+    ``weight``; ``None`` for a dropped trajectory (reward ``None``).
+
+    Trajectories are question-major: ``group_size`` consecutive ones share a question. Each
+    group's kept trajectories get :func:`group_advantages` of their rewards, the same for every
+    token; with ``token_rewards`` (per-turn rewards), :func:`turn_advantages` against the same
+    group statistics."""
+    out: list[list[float] | None] = [None] * len(rewards)
+    for g in range(0, len(rewards), group_size):
+        idx = [i for i in range(g, min(g + group_size, len(rewards))) if rewards[i] is not None]
+        if not idx:
+            continue
+        r = [float(rewards[i]) for i in idx]
+        if token_rewards is not None:
+            per = turn_advantages([token_rewards[i] for i in idx], r, scale=scale)
+        else:
+            adv = group_advantages(torch.tensor([r], dtype=torch.float64), scale=scale)[0].tolist()
+            per = [[a] * num_tokens[i] for a, i in zip(adv, idx)]
+        for i, xs in zip(idx, per):
+            out[i] = [x * weight for x in xs]
+    return out

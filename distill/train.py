@@ -5,15 +5,15 @@ One step:
 1. **Rollout** ``questions_per_step x group_size`` episodes with the current student (its LoRA
    adapters live in the same module the policy samples from, so the rollout always uses the
    newest weights; a vLLM policy would load the saved adapter instead).
-2. **Teacher signal**: ``method.prepare`` attaches rewards / per-token signals (no gradient).
-   Trajectories whose teacher call failed come back with reward ``None`` and are dropped.
-3. **Advantages**: GRPO group normalisation of the (mixed) rewards over the kept samples of
-   each question, times the method's ``advantage_weight``.
-4. **Loss** over micro-batches with gradient accumulation: the student's logits are computed
+2. **Teacher signal and advantages**: ``method.prepare`` (no gradient) returns the advantage of
+   every agent token, built in the method's own file from ``distill.advantages``, plus whatever
+   its loss needs; a trajectory whose teacher call failed comes back ``None`` and is dropped.
+3. **Loss** over micro-batches with gradient accumulation: the student's logits are computed
    only at agent tokens (``distill.forward``), every loss is a sum over agent tokens divided by
    the agent tokens of the whole step, so accumulation equals one big batch.
-5. **Update**: clip, AdamW step, scheduler step.
-6. **Log and checkpoint**: trajectories of the step (eval JSONL format), checkpoint (atomic),
+   The PPO ratio is taken against the sampler's stored log-probs (``logprob_drift`` logged).
+4. **Update**: clip, AdamW step, scheduler step.
+5. **Log and checkpoint**: trajectories of the step (eval JSONL format), checkpoint (atomic),
    then the metrics line (``distill.checkpoint`` explains why in that order).
 
 Before the first and after the last step, the held-out questions are evaluated greedily.
@@ -42,7 +42,7 @@ from corpora.cache import atomic_write_json, atomic_write_text
 from distill import checkpoint as ckpt
 from distill.config import TrainConfig, to_yaml
 from distill.forward import checkpointed, checkpointing_layers, forward_at, num_layers
-from distill.losses import entropy, group_advantages, token_logprobs
+from distill.losses import entropy, token_logprobs
 from distill.methods import MicroBatch, Signal, get_method
 from distill.teachers import check_capabilities, make_teacher
 
@@ -59,6 +59,7 @@ class Context:
     n_teacher_layers: int = 0
     seed: int = 0
     step: int = 0
+    group_size: int = 1  # samples per question (consecutive trajectories share a question)
 
 
 # -- set-up --------------------------------------------------------------------------------------
@@ -128,32 +129,22 @@ def sampler_logprobs(t: Trajectory) -> list[float]:
     return [lp if s == SOURCE_STUDENT else float("nan") for lp, s, m in zip(t.logprobs, src, t.loss_mask) if m]
 
 
-def build_samples(trajs: list[Trajectory], sig: Signal, group_size: int, scale: bool) -> list[Sample]:
+def build_samples(trajs: list[Trajectory], sig: Signal) -> list[Sample]:
+    """One sample per kept trajectory: its sequence, agent-token positions, and what the method
+    attached per agent token (advantage, train weight, extras)."""
     samples = []
-    for g in range(0, len(trajs), group_size):
-        idx = [i for i in range(g, min(g + group_size, len(trajs))) if sig.rewards[i] is not None]
-        if not idx:
+    for i, t in enumerate(trajs):
+        if sig.advantages[i] is None:
             continue
-        r = torch.tensor([[sig.rewards[i] for i in idx]], dtype=torch.float64)
-        adv = group_advantages(r, scale=scale)[0].tolist()
-        mean, std = float(r.mean()), float(r.std(unbiased=False))
-        for a, i in zip(adv, idx):
-            t = trajs[i]
-            p = len(t.prompt_ids)
-            targets = [p + k for k, m in enumerate(t.loss_mask) if m]
-            if not targets:
-                continue
-            if sig.token_rewards is not None:
-                den = (std + 1e-6) if scale else 1.0
-                advs = [(x - mean) / den for x in sig.token_rewards[i]]
-            else:
-                advs = [a] * len(targets)
-            advs = [x * sig.advantage_weight for x in advs]
-            weights = [float(x) for x in sig.train_masks[i]] if sig.train_masks is not None else [1.0] * len(targets)
-            extras = {k: v[i] for k, v in sig.extras.items()}
-            samples.append(Sample(list(t.prompt_ids) + list(t.completion_ids), targets, advs, weights, extras,
-                                  sig.teacher_seqs[i] if sig.teacher_seqs else None,
-                                  sig.teacher_targets[i] if sig.teacher_targets else None, sampler_logprobs(t)))
+        p = len(t.prompt_ids)
+        targets = [p + k for k, m in enumerate(t.loss_mask) if m]
+        if not targets:
+            continue
+        weights = [float(x) for x in sig.train_masks[i]] if sig.train_masks is not None else [1.0] * len(targets)
+        samples.append(Sample(list(t.prompt_ids) + list(t.completion_ids), targets, list(sig.advantages[i]), weights,
+                              {k: v[i] for k, v in sig.extras.items()},
+                              sig.teacher_seqs[i] if sig.teacher_seqs else None,
+                              sig.teacher_targets[i] if sig.teacher_targets else None, sampler_logprobs(t)))
     return samples
 
 
@@ -310,13 +301,13 @@ def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
 
         bar.set_description(f"step {step + 1}/{cfg.steps} teacher")
         ctx = Context(policy, roll, lambda seqs, targets, ls: _student_hidden(model, policy.pad_id, seqs, targets, ls),
-                      method_state, n_s, n_t, step_seed, step + 1)
+                      method_state, n_s, n_t, step_seed, step + 1, cfg.group_size)
         sig = method.prepare(trajs, teacher, mcfg, ctx)
         trajs = sig.trajectories or trajs
         t_teacher = time.perf_counter()
 
         bar.set_description(f"step {step + 1}/{cfg.steps} update")
-        samples = build_samples(trajs, sig, cfg.group_size, mcfg.scale_advantages)
+        samples = build_samples(trajs, sig)
         denominator = sum(sum(s.weights) for s in samples)
         loss_sum, agg, rows, ent_sum = 0.0, {}, 0, 0.0
         drift_sum, drift_n = 0.0, 0

@@ -6,8 +6,9 @@ A method is a ``Method`` record (see below):
   ``conf/method/<name>.yaml`` holds its defaults and ``method.<key>=...`` overrides them;
 * ``needs(cfg)``: teacher capabilities it requires (``distill.teachers``), checked at start-up;
 * ``prepare(trajectories, teacher, cfg, ctx) -> Signal``: attaches the teacher signal with no
-  gradient: per-trajectory rewards (env reward mixed with the teacher term; ``None`` drops a
-  trajectory whose teacher call failed), optional per-token rewards, per-token extras;
+  gradient: the advantage of every agent token (built in the method's own file from the pure
+  functions of ``distill.advantages``; ``None`` drops a trajectory whose teacher call failed),
+  per-token extras, replaced trajectories;
 * ``loss(mb, teacher, cfg) -> (loss, metrics)`` on one micro-batch of student outputs.
 
 All methods share the PPO-clip policy gradient on agent tokens (``pg_term``); they differ in
@@ -47,14 +48,12 @@ class MethodConfig:
 
 @dataclass
 class Signal:
-    rewards: list[float | None]  # per trajectory; None = dropped (teacher failed)
-    token_rewards: list[list[float]] | None = None  # per agent token (per-turn scores), else None
+    advantages: list[list[float] | None]  # per trajectory, per agent token; None = dropped (teacher failed)
     extras: dict[str, list[list[float] | None]] = field(default_factory=dict)  # per agent token
     teacher_seqs: list[list[int]] | None = None  # teacher-side sequences (privileged context)
     teacher_targets: list[list[int]] | None = None
     trajectories: list | None = None  # replaced trajectories (ovd mode=replace)
     train_masks: list[list[int]] | None = None  # per agent-token 0/1 (which generated tokens train)
-    advantage_weight: float = 1.0  # multiplies the group advantages (env_weight of token-level methods)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -127,7 +126,13 @@ def as_mean(term: torch.Tensor, mb: MicroBatch) -> float:
     return float(term.detach()) * mb.denominator / max(float(mb.weight_N.sum()), 1.0)
 
 
-def env_signal(trajectories, env_weight: float) -> Signal:
-    """Env rewards as they are; their group advantages are scaled by ``env_weight`` (scaling the
-    rewards would be undone by the group normalisation)."""
-    return Signal(rewards=[float(t.reward) for t in trajectories], advantage_weight=float(env_weight))
+def env_signal(trajectories, cfg: MethodConfig, ctx, dropped=()) -> Signal:
+    """GRPO advantages of the env rewards, scaled by ``env_weight`` (scaling the rewards instead
+    would be undone by the group normalisation); trajectories in ``dropped`` (their teacher call
+    failed) leave their group's statistics and get ``None``."""
+    from distill.advantages import sample_advantages
+
+    rewards = [None if i in dropped else float(t.reward) for i, t in enumerate(trajectories)]
+    adv = sample_advantages(rewards, [t.num_agent_tokens for t in trajectories], ctx.group_size, cfg.scale_advantages,
+                            weight=float(cfg.env_weight))
+    return Signal(advantages=adv)

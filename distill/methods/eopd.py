@@ -34,7 +34,7 @@ class EOPDConfig(OPDConfig):
 
 
 def prepare(trajectories, teacher, cfg, ctx) -> Signal:
-    return env_signal(trajectories, cfg.env_weight)
+    return env_signal(trajectories, cfg, ctx)
 
 
 def loss(mb, teacher, cfg):

@@ -17,7 +17,7 @@ class GRPOConfig(MethodConfig):
 
 
 def prepare(trajectories, teacher, cfg: GRPOConfig, ctx) -> Signal:
-    return env_signal(trajectories, cfg.env_weight)
+    return env_signal(trajectories, cfg, ctx)
 
 
 def loss(mb, teacher, cfg: GRPOConfig):

@@ -50,16 +50,14 @@ def needs(cfg) -> frozenset[str]:
 
 
 def prepare(trajectories, teacher, cfg, ctx) -> Signal:
-    sig = env_signal(trajectories, cfg.env_weight)
-    rewards = sig.rewards
-    if cfg.form == "k1":
-        seqs, targets = agent_targets(trajectories)
-        lq = teacher.logprobs(seqs, targets)
-        sig.extras["teacher_logprobs"] = lq
-        for i, x in enumerate(lq):
-            if x is None:
-                rewards[i] = None
-        sig.metrics = {"teacher_failed": sum(x is None for x in lq), "dropped": sum(x is None for x in lq)}
+    if cfg.form != "k1":  # the topk / jsd term reads the teacher inside the loss
+        return env_signal(trajectories, cfg, ctx)
+    seqs, targets = agent_targets(trajectories)
+    lq = teacher.logprobs(seqs, targets)
+    failed = {i for i, x in enumerate(lq) if x is None}
+    sig = env_signal(trajectories, cfg, ctx, failed)
+    sig.extras["teacher_logprobs"] = lq
+    sig.metrics = {"teacher_failed": len(failed), "dropped": len(failed)}
     return sig
 
 

@@ -74,15 +74,15 @@ def selection_weights(trajectories, kept: list[bool], k: int) -> list[list[float
 
 
 def prepare(trajectories, teacher, cfg, ctx) -> Signal:
-    sig = env_signal(trajectories, cfg.env_weight)
+    lq, failed = None, set()
     if cfg.opd_coef > 0:
         seqs, targets = agent_targets(trajectories)
         lq = teacher.logprobs(seqs, targets)
+        failed = {i for i, x in enumerate(lq) if x is None}
+    sig = env_signal(trajectories, cfg, ctx, failed)
+    if lq is not None:
         sig.extras["teacher_logprobs"] = lq
-        for i, x in enumerate(lq):
-            if x is None:
-                sig.rewards[i] = None
-    sig.extras["oprd_weight"] = selection_weights(trajectories, [r is not None for r in sig.rewards], cfg.positions)
+    sig.extras["oprd_weight"] = selection_weights(trajectories, [a is not None for a in sig.advantages], cfg.positions)
     if "bridge" not in ctx.state:
         ctx.state["bridge"] = fit_bridge(trajectories, teacher, cfg, ctx)
     return sig

@@ -57,14 +57,15 @@ def needs(cfg) -> frozenset[str]:
 
 
 def prepare(trajectories, teacher, cfg, ctx) -> Signal:
-    sig = env_signal(trajectories, cfg.env_weight)
-    sig.teacher_seqs, sig.teacher_targets = teacher_sequences(trajectories, ctx.policy, cfg.privileged_chars)
+    seqs, targets = teacher_sequences(trajectories, ctx.policy, cfg.privileged_chars)
+    lq, failed = None, set()
     if cfg.form == "k1":
-        lq = teacher.logprobs(sig.teacher_seqs, sig.teacher_targets)
+        lq = teacher.logprobs(seqs, targets)
+        failed = {i for i, x in enumerate(lq) if x is None}
+    sig = env_signal(trajectories, cfg, ctx, failed)
+    sig.teacher_seqs, sig.teacher_targets = seqs, targets
+    if lq is not None:
         sig.extras["teacher_logprobs"] = lq
-        for i, x in enumerate(lq):
-            if x is None:
-                sig.rewards[i] = None
     return sig
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from agents.policy import Completion
 from agents.rollout import SOURCE_STUDENT
+from distill.advantages import sample_advantages
 from distill.methods import Method, MethodConfig, Signal
 from distill.verbal import GraderConfig, grade, render_trajectory
 
@@ -143,8 +144,9 @@ def prepare(trajectories, teacher, cfg: OVDConfig, ctx) -> Signal:
     if cfg.granularity == "trajectory":  # one score of the whole trajectory
         got, m = grade(teacher, [render_trajectory(t, None, grader) for t in trajectories], grader, seed=ctx.seed)
         rewards = [None if s is None else w * t.reward + (1 - w) * s / 9 for t, s in zip(trajectories, got)]
-        return Signal(rewards=rewards, metrics={**m, **_stats([s for s in got if s is not None]),
-                                                "dropped": sum(r is None for r in rewards)})
+        adv = sample_advantages(rewards, [t.num_agent_tokens for t in trajectories], ctx.group_size, cfg.scale_advantages)
+        return Signal(advantages=adv, metrics={**m, **_stats([s for s in got if s is not None]),
+                                               "dropped": sum(r is None for r in rewards)})
     scores, _, dropped, m = score_prefixes(trajectories, teacher, grader, None, ctx.seed)
     rewards, token_rewards = [], []
     for i, (t, ss) in enumerate(zip(trajectories, scores)):
@@ -156,7 +158,10 @@ def prepare(trajectories, teacher, cfg: OVDConfig, ctx) -> Signal:
         rewards.append(sum(turn_r) / len(turn_r))
         token_rewards.append([turn_r[k] for k, (a, b) in enumerate(t.info["turn_spans"]) for _ in range(b - a)])
     flat = [x for ss in scores for x in ss]
-    return Signal(rewards=rewards, token_rewards=token_rewards,
+    # each turn's tokens: (its reward - the group's mean trajectory reward) / the group's std
+    adv = sample_advantages(rewards, [t.num_agent_tokens for t in trajectories], ctx.group_size, cfg.scale_advantages,
+                            token_rewards=token_rewards)
+    return Signal(advantages=adv,
                   metrics={**m, **_stats(flat), "dropped": sum(r is None for r in rewards)})
 
 
@@ -182,7 +187,9 @@ def _prepare_replace(trajectories, teacher, cfg: OVDConfig, ctx) -> Signal:
             teacher_turns += len(t.actions) - cut_at[i]
     scored = [i for i in range(len(trajectories)) if i not in dropped and scores[i]]
     flat = [x for ss in scores for x in ss]
-    return Signal(rewards=rewards, trajectories=out, train_masks=masks, metrics={
+    # Eq. 4: GRPO advantages of the mixed trajectories' outcome rewards
+    adv = sample_advantages(rewards, [t.num_agent_tokens for t in out], ctx.group_size, cfg.scale_advantages)
+    return Signal(advantages=adv, trajectories=out, train_masks=masks, metrics={
         **m, **_stats(flat), "dropped": sum(r is None for r in rewards),
         "accept_rate": sum(cuts[i] is None for i in scored) / max(len(scored), 1),
         "replaced_trajectories": len(cut_at), "replaced_turns": replaced, "teacher_turns": teacher_turns,

@@ -68,3 +68,14 @@ def test_turn_advantages_use_the_trajectory_reward_statistics():
     assert turn_advantages([], []) == []
     with pytest.raises(ValueError):
         turn_advantages([[1.0]], [1.0, 2.0])
+
+
+def test_sample_advantages_groups_drops_and_weights():
+    from distill.advantages import sample_advantages
+
+    # two questions x two samples; sample 2 dropped: its group is a group of one (advantage 0)
+    got = sample_advantages([1.0, 0.0, None, 0.5], [2, 1, 3, 2], group_size=2, weight=0.5)
+    assert got[0] == pytest.approx([0.5, 0.5], rel=1e-5) and got[1] == pytest.approx([-0.5], rel=1e-5)  # (r - mean) / (std + 1e-6)
+    assert got[2] is None and got[3] == [0.0, 0.0]
+    turn = sample_advantages([6.0, 6.0], [2, 2], 2, token_rewards=[[3.0, 9.0], [9.0, 3.0]])
+    assert turn == [[0.0, 0.0], [0.0, 0.0]]  # tied trajectory rewards: 0, not 1e5

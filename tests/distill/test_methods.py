@@ -89,7 +89,7 @@ def test_replace_mode_trains_only_student_tokens(tmp_path):
     roll = lambda pol, opts, g=1: rollout(pol, make_env, opts, g, sp, 8, 128, seed=3, with_privileged=True)  # noqa: E731
     qid = make_env().unwrapped.questions[0]["id"]
     trajs = roll(policy, [{"question_id": qid}], 2)
-    ctx = Context(policy, roll, None, {}, 2, 2, 3, 1)
+    ctx = Context(policy, roll, None, {}, 2, 2, 3, 1, 2)
     sig = prepare(trajs, teacher, OVDConfig(mode="replace", threshold=10), ctx)  # cut at the first turn
     for old, new, mask in zip(trajs, sig.trajectories, sig.train_masks):
         assert new.info["replaced_from_turn"] == 0
@@ -211,10 +211,10 @@ def _method_step(method, overrides, teacher_kind, env_id, env_weight, monkeypatc
     sp = SamplingParams(seed=1)
     roll = lambda pol, opts, g=1: rollout(pol, lambda: gym.make(env_id), opts, g, sp, 8, 96, seed=1, with_privileged=True)  # noqa: E731
     trajs = roll(policy, [{"question_id": "train-0"}], 2)
-    ctx = Context(policy, roll, lambda seqs, ts, ls: _student_hidden(model, policy.pad_id, seqs, ts, ls), {}, 2, 2, 1, 1)
+    ctx = Context(policy, roll, lambda seqs, ts, ls: _student_hidden(model, policy.pad_id, seqs, ts, ls), {}, 2, 2, 1, 1, 2)
     sig = m.prepare(trajs, teacher, mcfg, ctx)
     trajs = sig.trajectories or trajs
-    samples = build_samples(trajs, sig, 2, True)
+    samples = build_samples(trajs, sig)
     den = sum(sum(s.weights) for s in samples)
     outs = []
 
@@ -370,7 +370,7 @@ def _oprd_loss(n_agent: list[int], k: int, mu: float, micro_batch_size: int) -> 
     cfg = m.config(env_weight=0.0, positions=k, mu=mu, layers="1")
     trajs = [Trajectory(f"q{i}", "q", i, prompt_ids=[1, 2], completion_ids=[5] * n, loss_mask=[1] * n, reward=0.0)
              for i, n in enumerate(n_agent)]
-    ctx = Context(None, None, None, {"bridge": None}, 1, 1)  # same shape: no bridge to fit
+    ctx = Context(None, None, None, {"bridge": None}, 1, 1, group_size=len(trajs))  # same shape: no bridge to fit
     sig = m.prepare(trajs, _ZeroHiddenTeacher(), cfg, ctx)
     total = 0.0
     for a in range(0, len(trajs), micro_batch_size):

@@ -54,8 +54,8 @@ class ScriptedTeacher:
 
 
 class Ctx:
-    def __init__(self, policy, roll, seed=0):
-        self.policy, self.rollout, self.seed, self.state = policy, roll, seed, {}
+    def __init__(self, policy, roll, seed=0, group_size=2):
+        self.policy, self.rollout, self.seed, self.state, self.group_size = policy, roll, seed, {}, group_size
 
 
 def student_rollout(max_turns=3, questions=2, group=2):
@@ -79,7 +79,11 @@ def test_replace_keeps_student_turns_up_to_the_first_low_score_then_the_teacher_
     assert sorted(teacher.scored) == [1] * len(trajs) + [2] * len(trajs)
     assert sig.metrics["accept_rate"] == 0.0 and sig.metrics["replaced_trajectories"] == len(trajs)
     assert sig.metrics["replaced_turns"] == sum(len(t.actions) - 1 for t in trajs)
-    for old, new, mask, r in zip(trajs, sig.trajectories, sig.train_masks, sig.rewards):
+    from distill.advantages import sample_advantages
+
+    want = sample_advantages([t.reward for t in sig.trajectories], [t.num_agent_tokens for t in sig.trajectories], 2)
+    assert sig.advantages == want  # GRPO on the mixed trajectories' outcome rewards (Eq. 4)
+    for old, new, mask in zip(trajs, sig.trajectories, sig.train_masks):
         a, b = old.info["turn_spans"][0]
         assert new.completion_ids[a:b] == old.completion_ids[a:b]  # the kept turn, token for token
         assert new.actions[0] == old.actions[0] and new.info["replaced_from_turn"] == 1
@@ -94,7 +98,7 @@ def test_replace_keeps_student_turns_up_to_the_first_low_score_then_the_teacher_
         for p, (src, lm) in enumerate(zip(new.sources, new.loss_mask)):
             assert (src == SOURCE_ENV) == (p not in agent) == (lm == 0)
         assert mask == [1] * (b - a) + [0] * (new.num_agent_tokens - (b - a))  # teacher tokens do not train
-        assert r == new.reward == new.f1 and new.answer.strip() == "Paris"  # the outcome reward: F1
+        assert new.reward == new.f1 and new.answer.strip() == "Paris"  # the outcome reward: F1
 
 
 def test_all_accepted_keeps_the_student_trajectory_and_scores_every_turn():
@@ -104,7 +108,9 @@ def test_all_accepted_keeps_the_student_trajectory_and_scores_every_turn():
     assert sig.metrics["accept_rate"] == 1.0 and sig.metrics["teacher_tokens"] == 0
     assert all(a is b for a, b in zip(sig.trajectories, trajs))
     assert sorted(teacher.scored) == sorted(k + 1 for t in trajs for k in range(len(t.actions)))
-    assert sig.rewards == [t.reward for t in trajs]
+    from distill.advantages import sample_advantages
+
+    assert sig.advantages == sample_advantages([t.reward for t in trajs], [t.num_agent_tokens for t in trajs], 2)
 
 
 def test_teacher_tokens_train_when_asked():
