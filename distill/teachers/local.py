@@ -21,6 +21,20 @@ from distill.forward import forward_at
 SCORE_PREFIX = "Score:"
 
 
+def digit_tokens(tokenizer, name: str = "teacher") -> tuple[list[int], list[int]]:
+    """(prompt suffix ids, the token of each digit 0-9) such that ``Score: <d>`` encodes as
+    suffix + [token of d]: ``Score:`` + " d" where " d" is one token, else ``Score: `` + "d"
+    (Qwen splits " 6" into " " and "6": scoring the digit right after ``Score:`` would measure
+    the space)."""
+    enc = lambda x: tokenizer.encode(x, add_special_tokens=False)  # noqa: E731
+    for prefix, form in ((SCORE_PREFIX, " {}"), (SCORE_PREFIX + " ", "{}")):
+        head = enc(prefix)
+        toks = [enc(prefix + form.format(d)) for d in range(10)]
+        if all(len(t) == len(head) + 1 and t[:-1] == head for t in toks):
+            return head, [t[-1] for t in toks]
+    raise ValueError(f"teacher {name!r}: its tokenizer has no single-token digits after {SCORE_PREFIX!r}")
+
+
 class LocalTeacher:
     capabilities = frozenset({"score", "score_distribution", "logprobs", "topk_logprobs", "distribution", "hidden_states", "act"})
 
@@ -64,20 +78,9 @@ class LocalTeacher:
         return replies
 
     def _digits(self) -> tuple[list[int], torch.Tensor]:
-        """(prompt suffix ids, the token of each digit 0-9) such that ``Score: <d>`` encodes as
-        suffix + [token of d]: ``Score:`` + " d" where " d" is one token, else ``Score: `` + "d"
-        (Qwen splits " 6" into " " and "6": scoring the digit right after ``Score:`` would
-        measure the space)."""
         if getattr(self, "_digit_setup", None) is None:
-            enc = lambda x: self.tokenizer.encode(x, add_special_tokens=False)  # noqa: E731
-            for prefix, form in ((SCORE_PREFIX, " {}"), (SCORE_PREFIX + " ", "{}")):
-                head = enc(prefix)
-                toks = [enc(prefix + form.format(d)) for d in range(10)]
-                if all(len(t) == len(head) + 1 and t[:-1] == head for t in toks):
-                    self._digit_setup = (head, torch.tensor([t[-1] for t in toks]))
-                    break
-            else:
-                raise ValueError(f"teacher {self.name!r}: its tokenizer has no single-token digits after {SCORE_PREFIX!r}")
+            head, ids = digit_tokens(self.tokenizer, self.name)
+            self._digit_setup = (head, torch.tensor(ids))
         return self._digit_setup
 
     @torch.no_grad()

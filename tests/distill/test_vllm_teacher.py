@@ -54,3 +54,17 @@ def test_vllm_teacher_scores_are_verbal_digits(teachers):
     assert len(out) == 2 and out[0] == out[1] and out[0].startswith(SCORE_PREFIX)  # greedy: the same reply twice
     assert "\n" not in out[0].rstrip("\n")  # stopped at the end of the line
     assert v.stats["requests"] == before + 2
+
+
+def test_vllm_score_distribution_and_chat_agree_with_the_local_teacher(teachers):
+    from agents.policy import SamplingParams
+    from distill.verbal import render
+
+    v, local, tok = teachers
+    msgs = [render("Who wrote Hamlet?", ["William Shakespeare"], ["<answer> Shakespeare </answer>"], [""], "Shakespeare")]
+    a, b = v.score_distribution(msgs)[0], local.score_distribution(msgs)[0]
+    assert a is not None and abs(sum(a) - 1) < 1e-5
+    assert max(range(10), key=a.__getitem__) == max(range(10), key=b.__getitem__)
+    chat = [{"role": "user", "content": "Say hello, then write <answer> hi </answer>."}]
+    sp = SamplingParams(temperature=0.0, max_new_tokens=8)  # greedy: the same first tokens (float32 both sides)
+    assert v.chat([chat], sp) == local.chat([chat], sp)
