@@ -99,6 +99,7 @@ class TrainConfig:
     overwrite: bool = False  # start afresh in an existing run directory
     save_every: int = 1
     keep_checkpoints: int = 2
+    max_empty_steps: int = 2  # this many steps in a row that drop every trajectory stop the run with an error
     tensorboard: bool = True
     wandb: bool = False  # log to Weights & Biases too (when installed)
     progress: bool = True

@@ -74,10 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run_dir)
     if cfg.threads > 0:  # before numba loads: its OpenMP layer would reset torch's thread count
         os.environ.setdefault("NUMBA_NUM_THREADS", str(cfg.threads))
-    from distill.train import train
+    from distill.train import TrainingError, train
 
     print(f"run directory: {run_dir}  (method {mcfg.name}, model {cfg.model.name}, teacher {cfg.teacher.kind}:{cfg.teacher.name})", flush=True)
-    result = train(cfg, mcfg, run_dir, resume_flag)
+    try:
+        result = train(cfg, mcfg, run_dir, resume_flag)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     _print_summary(result)
     return 0
 

@@ -47,6 +47,11 @@ from distill.methods import MicroBatch, Signal, get_method
 from distill.teachers import check_capabilities, make_teacher
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on (an unreachable teacher, steps with nothing to train on): the CLI
+    prints it as one line and exits 2."""
+
+
 @dataclass
 class Context:
     """What ``method.prepare`` may use besides trajectories and the teacher."""
@@ -141,6 +146,8 @@ def build_samples(trajs: list[Trajectory], sig: Signal) -> list[Sample]:
         if not targets:
             continue
         weights = [float(x) for x in sig.train_masks[i]] if sig.train_masks is not None else [1.0] * len(targets)
+        if not any(weights):
+            continue  # none of its tokens trains (ovd: all the teacher's, masked)
         samples.append(Sample(list(t.prompt_ids) + list(t.completion_ids), targets, list(sig.advantages[i]), weights,
                               {k: v[i] for k, v in sig.extras.items()},
                               sig.teacher_seqs[i] if sig.teacher_seqs else None,
@@ -244,6 +251,11 @@ def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
     policy = TransformersPolicy(model, tok)
     teacher = make_teacher(cfg.teacher, model, tok, cfg.model.name)
     check_capabilities(mcfg.name, method.needs(mcfg), teacher, tok)
+    if hasattr(teacher, "check"):  # a remote teacher answers before any step runs
+        try:
+            teacher.check()
+        except Exception as exc:  # noqa: BLE001 - any failure to reach it is the same one-line error
+            raise TrainingError(str(exc)) from None
     reference = None
     if getattr(mcfg, "kl_beta", 0) > 0:
         from distill.teachers.local import LocalTeacher
@@ -286,6 +298,7 @@ def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
 
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p)
     bar = _progress(cfg, start)
+    empty = 0  # steps in a row whose every trajectory was dropped (teacher failures)
     for step in range(start, cfg.steps):
         t_start = time.perf_counter()
         anon.take()  # the step's own peak from here
@@ -346,6 +359,12 @@ def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
         _crash_point("metrics", step + 1)
         history.append(line)
         _log(writer, wandb_run, line)
+        empty = empty + 1 if all(a is None for a in sig.advantages) else 0
+        if empty >= cfg.max_empty_steps:
+            bar.close()
+            raise TrainingError(f"{empty} steps in a row dropped every trajectory, so nothing trained (last step: "
+                                f"teacher_failed {line.get('teacher_failed', 0):.0f}, unparseable "
+                                f"{line.get('teacher_unparseable', 0):.0f}); see {metrics_path}")
         bar.update(1)
         bar.set_postfix_str(_postfix(line))
     bar.close()

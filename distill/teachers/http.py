@@ -49,6 +49,17 @@ class HttpTeacher:
         self.stats = {"requests": 0, "errors": 0, "retries": 0, "timeouts": 0, "http_5xx": 0}
         self._lock = threading.Lock()
 
+    def check(self) -> None:
+        """Raise ``TeacherRequestError`` (one line) when ``GET {url}/models`` gets no HTTP answer
+        at all, or is refused for its credentials (401/403). Any other answer means a server is
+        there (not every chat endpoint implements /models)."""
+        try:
+            r = self.session.get(self.base + "/models", timeout=min(self.timeout, 10.0))
+        except requests.RequestException as exc:
+            raise TeacherRequestError(f"teacher {self.base} cannot be reached: {type(exc).__name__}") from None
+        if r.status_code in (401, 403):
+            raise TeacherRequestError(f"teacher {self.base} refused the credentials ({r.status_code}): set teacher.api_key")
+
     def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
             self.stats[key] += n

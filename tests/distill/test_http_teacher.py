@@ -76,3 +76,45 @@ def test_faulty_http_teacher_never_invents_scores(tmp_path, teacher_url):
     assert sum(x["teacher_failed"] for x in lines) > 0 and sum(x["teacher_unparseable"] for x in lines) > 0
     last = lines[-1]
     assert last["teacher_timeouts_total"] > 0 and last["teacher_http_5xx_total"] > 0 and last["teacher_retries_total"] > 0
+
+
+def test_unreachable_teacher_is_a_one_line_error(tmp_path, capsys):
+    from distill.run import main
+
+    code = main(["model=tiny", "method=ovd", "teacher=http", "teacher.url=http://127.0.0.1:1/v1", "steps=1",
+                 "eval.questions=0", "progress=false", "env.id=ToyVowel-v0", "env.eval_id=ToyVowel-eval-v0",
+                 f"output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cannot be reached" in err[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+class AlwaysFailing(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):  # /v1/models answers: the teacher is up
+        self._send(200, {"data": [{"id": "t"}]})
+
+    def do_POST(self):
+        self._send(500, {"error": "boom"})
+
+    _send = FaultyTeacher._send
+
+
+def test_steps_that_drop_everything_stop_the_run(tmp_path, capsys):
+    from distill.run import main
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), AlwaysFailing)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        code = main(["model=tiny", "method=ovd", "method.mode=reward", "teacher=http", "teacher.retries=0",
+                     f"teacher.url=http://127.0.0.1:{srv.server_address[1]}/v1", "steps=5", "max_empty_steps=2",
+                     "questions_per_step=1", "group_size=2", "max_tokens_per_turn=4", "eval.questions=0", "progress=false",
+                     "env.id=ToyVowel-v0", "env.eval_id=ToyVowel-eval-v0", "threads=1", f"output_dir={tmp_path / 'run'}"])
+    finally:
+        srv.shutdown()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "2 steps in a row dropped every trajectory" in err[-1]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(x)["dropped"] == 2 for x in lines)
