@@ -28,7 +28,7 @@ the action text and returns the new observation text.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import gymnasium as gym
@@ -73,14 +73,6 @@ class Trajectory:
     @property
     def num_agent_tokens(self) -> int:
         return sum(self.loss_mask)
-
-    def to_record(self) -> dict:
-        """A JSON-able record (the eval/trajectory JSONL format)."""
-        d = asdict(self)
-        d["num_tokens"] = self.num_tokens
-        d["num_agent_tokens"] = self.num_agent_tokens
-        d["info"] = {k: v for k, v in self.info.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
-        return d
 
 
 def rollout(

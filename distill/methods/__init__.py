@@ -88,7 +88,6 @@ class Method:
     prepare: Callable[..., Signal]
     loss: Callable[..., tuple[torch.Tensor, dict]]
     student_layers: Callable[[Any, int, int], list[int] | None] = lambda cfg, ls, lt: None
-    uses_privileged: bool = False
 
 
 def get_method(name: str) -> Method:

@@ -82,4 +82,4 @@ def loss(mb, teacher, cfg):
     return pg + cfg.kl_coef * jsd, m
 
 
-METHOD = Method("opsd", OPSDConfig, needs=needs, prepare=prepare, loss=loss, uses_privileged=True)
+METHOD = Method("opsd", OPSDConfig, needs=needs, prepare=prepare, loss=loss)

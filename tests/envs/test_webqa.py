@@ -20,7 +20,7 @@ def test_check_env_every_registered_id(env_id):
     env = gym.make(env_id)
     check_env(env.unwrapped, skip_render_check=True)
     prompt, info = env.reset(seed=1)
-    assert env.observation_space.contains(prompt) and "Question:" in prompt or "question" in prompt.lower()
+    assert env.observation_space.contains(prompt) and "question" in prompt.lower()
     assert "answers" not in info and "supporting_titles" not in info
     assert info["max_turns"] == env.unwrapped.max_turns  # the env owns its turn limit; agents read it here
 
@@ -48,7 +48,8 @@ def test_same_seed_same_episode_and_render():
     env = gym.make("WebQA-v0", render_mode="ansi")
     a, b = _play(env, 7, ACTIONS), _play(env, 7, ACTIONS)
     assert a == b
-    assert _play(env, 8, ACTIONS)[0][0] != a[0][0] or True  # other seeds may or may not collide
+    other = gym.make("WebQA-v0")
+    assert len({_play(other, s, [])[0][0] for s in range(8)}) > 1  # other seeds draw other questions (prompts)
     text = env.render()
     assert "American film director" in text and "Doc 1" in text
 
