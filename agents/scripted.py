@@ -113,45 +113,28 @@ def heuristic_answer(question: str, observation: str) -> str:
 AGENTS = {"oracle": OracleAgent, "baseline": BaselineAgent}
 
 
-def run_episode(env, agent, reset_options: dict | None = None, seed: int | None = None) -> dict:
-    """One episode of a text agent in a WebQA env; returns the final info plus the transcript."""
-    prompt, info = env.reset(seed=seed, options=reset_options)
-    priv = env.unwrapped.privileged() if isinstance(agent, OracleAgent) else None
-    agent.reset(prompt, info, priv, max_turns=env.unwrapped.max_turns)
-    obs, steps = prompt, []
-    while True:
-        action = agent.act(obs)
-        obs, reward, terminated, truncated, step_info = env.step(action)
-        steps.append({"action": action, "observation": obs})
-        if terminated or truncated:
-            return {**step_info, "reward": reward, "question": info["question"], "steps": steps}
-
-
 def evaluate(agent_name: str, env_id: str = "WebQA-v0", limit: int | None = None, show_progress: bool = True) -> dict:
+    """A scripted agent on the first ``limit`` questions of ``env_id``, through the one rollout
+    loop and the one evaluation (``agents.evaluation``) as any LLM: (summary, records)."""
     import gymnasium as gym
     from tqdm.auto import tqdm
 
     import envs  # noqa: F401  (registers the ids when run from a source checkout)
+    from agents.evaluation import evaluate as run_eval
+    from agents.models import byte_tokenizer
+    from agents.scripted_policy import ScriptedPolicy
 
-    env = gym.make(env_id)
-    agent = AGENTS[agent_name]()
-    n = len(env.unwrapped.questions) if limit is None else min(limit, len(env.unwrapped.questions))
-    totals = {"em": 0.0, "f1": 0.0, "cover_em": 0.0, "supporting_title_recall": 0.0, "turns": 0.0}
-    n_recall = 0
+    make_env = lambda: gym.make(env_id)  # noqa: E731
+    questions = make_env().unwrapped.questions
+    ids = [q["id"] for q in (questions if limit is None else questions[:limit])]
     t0 = time.perf_counter()
-    bar = tqdm(range(n), desc=f"{agent_name} on {env_id}", disable=not show_progress)
-    for i in bar:
-        out = run_episode(env, agent, {"index": i})
-        for key in ("em", "f1", "cover_em", "turns"):
-            totals[key] += out[key]
-        if out["supporting_title_recall"] is not None:
-            totals["supporting_title_recall"] += out["supporting_title_recall"]
-            n_recall += 1
-        bar.set_postfix(EM=f"{totals['em'] / (i + 1):.3f}")
-    res = {k: v / max(n, 1) for k, v in totals.items() if k != "supporting_title_recall"}
-    res["supporting_title_recall"] = totals["supporting_title_recall"] / n_recall if n_recall else None
-    res.update(agent=agent_name, env_id=env_id, episodes=n, seconds=round(time.perf_counter() - t0, 2))
-    return res
+    with tqdm(total=len(ids), desc=f"{agent_name} on {env_id}", disable=not show_progress) as bar:
+        summary, recs = run_eval(ScriptedPolicy(AGENTS[agent_name], byte_tokenizer()), make_env, ids, env_id,
+                                 max_tokens_per_turn=10**9, max_total_tokens=10**9, with_privileged=agent_name == "oracle",
+                                 progress=lambda done, total: bar.update(done - bar.n))
+    recall = [r["supporting_title_recall"] for r in recs if r["supporting_title_recall"] is not None]
+    return {**summary, "supporting_title_recall": sum(recall) / len(recall) if recall else None, "agent": agent_name,
+            "env_id": env_id, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     res = evaluate(args.agent, args.env, args.limit)
     print("\n| agent | env | episodes | EM | F1 | cover-EM | gold-title recall | turns | seconds |\n|---|---|---|---|---|---|---|---|---|")
     rec = "-" if res["supporting_title_recall"] is None else f"{res['supporting_title_recall']:.3f}"
-    print(f"| {res['agent']} | {res['env_id']} | {res['episodes']} | {res['em']:.3f} | {res['f1']:.3f} | {res['cover_em']:.3f} | {rec} | {res['turns']:.2f} | {res['seconds']} |")
+    print(f"| {res['agent']} | {res['env_id']} | {res['episodes']} | {res['em']:.3f} | {res['f1']:.3f} | {res['cover_em']:.3f} | {rec} | {res['avg_turns']:.2f} | {res['seconds']} |")
     if args.json:
         from corpora.cache import atomic_write_json
 

@@ -8,7 +8,7 @@ from agents.hf_policy import TransformersPolicy
 from agents.models import byte_tokenizer, tiny_random_model
 from agents.policy import SamplingParams
 from agents.rollout import rollout
-from agents.scripted import BaselineAgent, OracleAgent, run_episode
+from agents.scripted import BaselineAgent, OracleAgent
 from agents.scripted_policy import ScriptedPolicy
 from trajectory_checks import agent_logprobs, mask_runs
 
@@ -168,11 +168,20 @@ def test_scripted_rollout_reproduces_the_scripted_episode():
     for agent in (OracleAgent, BaselineAgent):
         trajs = rollout(ScriptedPolicy(agent, tok), lambda: gym.make("WebQA-v0"), [{"index": i} for i in range(6)],
                         with_privileged=True)
-        for i, tr in enumerate(trajs):
-            ref = run_episode(gym.make("WebQA-v0"), agent(), {"index": i})
-            assert tr.actions == [s["action"] for s in ref["steps"]]
-            assert tr.observations == [s["observation"] for s in ref["steps"]]
-            assert (tr.em, tr.f1, tr.reward) == (ref["em"], ref["f1"], ref["reward"])
+        for i, tr in enumerate(trajs):  # the same episode, stepped by hand in a fresh env
+            env = gym.make("WebQA-v0")
+            prompt, info = env.reset(options={"index": i})
+            a = agent()
+            a.reset(prompt, info, env.unwrapped.privileged())
+            obs, acts, seen = prompt, [], []
+            while True:
+                acts.append(a.act(obs))
+                obs, reward, term, trunc, step_info = env.step(acts[-1])
+                seen.append(obs)
+                if term or trunc:
+                    break
+            assert tr.actions == acts and tr.observations == seen
+            assert (tr.em, tr.f1, tr.reward) == (step_info["em"], step_info["f1"], reward)
 
 
 class EchoEnv(gym.Env):
