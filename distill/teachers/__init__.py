@@ -78,42 +78,53 @@ def check_capabilities(method: str, needs: frozenset[str], teacher, student_toke
         )
 
 
+def _self(cfg, student_model, student_tokenizer, student_name):
+    from distill.teachers.local import LocalTeacher
+
+    return LocalTeacher.self_teacher(student_model, student_tokenizer, name=f"self:{student_name}", batch_size=cfg.batch_size)
+
+
+def _local(cfg, *_):
+    from agents.models import load_model, tiny_random_model
+    from distill.teachers.local import LocalTeacher
+
+    if cfg.name.startswith("tiny"):  # "tiny" or "tiny:HIDDENxLAYERS": random, for tests (seed 1)
+        h, n = (int(x) for x in cfg.name.split(":", 1)[1].split("x")) if ":" in cfg.name else (64, 2)
+        model, tok = tiny_random_model("small", hidden_size=h, num_layers=n, seed=1)
+    else:
+        model, tok = load_model(cfg.name, dtype=cfg.dtype, device=cfg.device if cfg.device != "auto" else None)
+    model.requires_grad_(False)
+    return LocalTeacher(model, tok, name=cfg.name, batch_size=cfg.batch_size)
+
+
+def _http(cfg, *_):
+    from distill.teachers.http import HttpTeacher
+
+    tok = None
+    if cfg.tokenizer:
+        from agents.models import load_tokenizer
+
+        tok = load_tokenizer(cfg.tokenizer)
+    return HttpTeacher(cfg.url, model=cfg.name or None, tokenizer=tok, timeout=cfg.timeout, retries=cfg.retries,
+                       concurrency=cfg.concurrency, logprobs=cfg.logprobs, api_key=cfg.api_key or None)
+
+
+def _vllm(cfg, *_):
+    import torch
+
+    from distill.teachers.vllm import VLLMTeacher
+
+    # the config's float32 is the CPU default; on a GPU the vLLM teacher runs in bfloat16
+    dtype = "bfloat16" if cfg.dtype == "float32" and torch.cuda.is_available() else cfg.dtype
+    return VLLMTeacher(cfg.name, dtype=dtype)
+
+
+# kind -> builder(cfg, student_model, student_tokenizer, student_name). A backend is a file and a line.
+BACKENDS = {"none": lambda *a: None, "self": _self, "local": _local, "http": _http, "vllm": _vllm}
+
+
 def make_teacher(cfg, student_model=None, student_tokenizer=None, student_name: str | None = None):
-    """Build the teacher a config names: ``kind`` in local | self | http | vllm | none."""
-    kind = cfg.kind
-    if kind == "none":
-        return None
-    if kind == "self":
-        from distill.teachers.local import LocalTeacher
-
-        return LocalTeacher.self_teacher(student_model, student_tokenizer, name=f"self:{student_name}", batch_size=cfg.batch_size)
-    if kind == "local":
-        from agents.models import load_model, tiny_random_model
-        from distill.teachers.local import LocalTeacher
-
-        if cfg.name.startswith("tiny"):  # "tiny" or "tiny:HIDDENxLAYERS": random, for tests (seed 1)
-            h, n = (int(x) for x in cfg.name.split(":", 1)[1].split("x")) if ":" in cfg.name else (64, 2)
-            model, tok = tiny_random_model("small", hidden_size=h, num_layers=n, seed=1)
-        else:
-            model, tok = load_model(cfg.name, dtype=cfg.dtype, device=cfg.device if cfg.device != "auto" else None)
-        model.requires_grad_(False)
-        return LocalTeacher(model, tok, name=cfg.name, batch_size=cfg.batch_size)
-    if kind == "http":
-        from distill.teachers.http import HttpTeacher
-
-        tok = None
-        if cfg.tokenizer:
-            from agents.models import load_tokenizer
-
-            tok = load_tokenizer(cfg.tokenizer)
-        return HttpTeacher(cfg.url, model=cfg.name or None, tokenizer=tok, timeout=cfg.timeout, retries=cfg.retries,
-                           concurrency=cfg.concurrency, logprobs=cfg.logprobs, api_key=cfg.api_key or None)
-    if kind == "vllm":
-        import torch
-
-        from distill.teachers.vllm import VLLMTeacher
-
-        # the config's float32 is the CPU default; on a GPU the vLLM teacher runs in bfloat16
-        dtype = "bfloat16" if cfg.dtype == "float32" and torch.cuda.is_available() else cfg.dtype
-        return VLLMTeacher(cfg.name, dtype=dtype)
-    raise ValueError(f"unknown teacher kind {kind!r}; choose local, self, http, vllm or none")
+    """Build the teacher a config names (``kind``: a row of ``BACKENDS``)."""
+    if cfg.kind not in BACKENDS:
+        raise ValueError(f"unknown teacher kind {cfg.kind!r}; choose one of {sorted(BACKENDS)}")
+    return BACKENDS[cfg.kind](cfg, student_model, student_tokenizer, student_name)
