@@ -2,7 +2,8 @@
 
 ``gym.make("WebQA-v0")`` also works without importing ``envs``: the ``gymnasium.envs`` entry
 point in ``pyproject.toml`` calls ``register_envs`` when Gymnasium loads plugins.
-Variants are lines of kwargs, not subclasses; add one by adding a line.
+Each id is one line: an entry point and its kwargs. Variants are lines with other kwargs, not
+subclasses; another env (``Math-v0``, a user's) is a line with its own entry point.
 """
 from __future__ import annotations
 
@@ -11,20 +12,21 @@ import gymnasium as gym
 WEBQA = "envs.webqa:WebQAEnv"
 WEBQA_VECTOR = "envs.vector:WebQAVectorEnv"
 
-# id -> kwargs for WebQAEnv. Dataset names are resolved by corpora.qa (default splits there).
-REGISTRY: dict[str, dict] = {
-    "WebQA-v0": {},  # HotpotQA dev, the 500 questions whose paragraphs are all in the bundled corpus
-    "WebQA-HotpotQA-v0": {"dataset": "hotpotqa"},
-    "WebQA-HotpotQA-train-v0": {"dataset": "hotpotqa:train"},
-    "WebQA-NQ-v0": {"dataset": "nq"},
-    "WebQA-TriviaQA-v0": {"dataset": "triviaqa"},
-    "WebQA-PopQA-v0": {"dataset": "popqa"},
-    "WebQA-2Wiki-v0": {"dataset": "2wikimultihopqa"},
-    "WebQA-MuSiQue-v0": {"dataset": "musique"},
-    "WebQA-MuSiQue-train-v0": {"dataset": "musique:train"},
-    "WebQA-Bamboogle-v0": {"dataset": "bamboogle"},
-    "WebQA-ToolCall-v0": {"protocol": "tool_call"},
-    "WebQA-F1-v0": {"reward": "f1"},
+# id -> (entry point, vector entry point or None, kwargs). WebQA dataset names are resolved by
+# corpora.qa (default splits there).
+REGISTRY: dict[str, tuple[str, str | None, dict]] = {
+    "WebQA-v0": (WEBQA, WEBQA_VECTOR, {}),  # HotpotQA dev, the 500 questions whose paragraphs are all in the bundled corpus
+    "WebQA-HotpotQA-v0": (WEBQA, WEBQA_VECTOR, {"dataset": "hotpotqa"}),
+    "WebQA-HotpotQA-train-v0": (WEBQA, WEBQA_VECTOR, {"dataset": "hotpotqa:train"}),
+    "WebQA-NQ-v0": (WEBQA, WEBQA_VECTOR, {"dataset": "nq"}),
+    "WebQA-TriviaQA-v0": (WEBQA, WEBQA_VECTOR, {"dataset": "triviaqa"}),
+    "WebQA-PopQA-v0": (WEBQA, WEBQA_VECTOR, {"dataset": "popqa"}),
+    "WebQA-2Wiki-v0": (WEBQA, WEBQA_VECTOR, {"dataset": "2wikimultihopqa"}),
+    "WebQA-MuSiQue-v0": (WEBQA, WEBQA_VECTOR, {"dataset": "musique"}),
+    "WebQA-MuSiQue-train-v0": (WEBQA, WEBQA_VECTOR, {"dataset": "musique:train"}),
+    "WebQA-Bamboogle-v0": (WEBQA, WEBQA_VECTOR, {"dataset": "bamboogle"}),
+    "WebQA-ToolCall-v0": (WEBQA, WEBQA_VECTOR, {"protocol": "tool_call"}),
+    "WebQA-F1-v0": (WEBQA, WEBQA_VECTOR, {"reward": "f1"}),
 }
 
 # Dataset name -> env id, for CLIs that take "datasets=nq,hotpotqa".
@@ -40,9 +42,9 @@ DATASET_ENV_IDS = {
 
 
 def register_envs() -> None:
-    for env_id, kwargs in REGISTRY.items():
+    for env_id, (entry, vector_entry, kwargs) in REGISTRY.items():
         if env_id not in gym.registry:
-            gym.register(id=env_id, entry_point=WEBQA, vector_entry_point=WEBQA_VECTOR, kwargs=dict(kwargs))
+            gym.register(id=env_id, entry_point=entry, vector_entry_point=vector_entry, kwargs=dict(kwargs))
 
 
 register_envs()
