@@ -1,10 +1,13 @@
 """Register the WebQA envs with Gymnasium the moment Gymnasium is imported.
 
-Gymnasium 1.x no longer loads ``gymnasium.envs`` entry points, so ``gym.make("WebQA-v0")``
-in a fresh interpreter needs help. ``webqa_gym.pth`` (installed next to this module) imports
-this module at start-up; it costs one entry on ``sys.meta_path`` and imports nothing heavy.
-When ``gymnasium`` is first imported, it imports ``envs``, whose ``__init__`` registers the
-ids (``envs.REGISTRY``). Any failure here is swallowed: the hook must never break Python.
+Gymnasium 1.x no longer loads ``gymnasium.envs`` entry points (0.26-0.29 did), so
+``gym.make("WebQA-v0")`` in a fresh interpreter needs help. ``webqa_gym.pth``, which setup.py
+puts at the root of site-packages in every kind of install (regular, wheel, editable in any
+setuptools mode), imports this module at start-up; it costs one entry on ``sys.meta_path`` and
+imports nothing heavy. When ``gymnasium`` is first imported, it imports ``envs``, whose
+``__init__`` registers the ids (``envs.REGISTRY``). Any failure here is swallowed: the hook must
+never break Python. Without the hook (e.g. ``python -S``), Gymnasium's own module form
+``gym.make("envs:WebQA-v0")`` imports ``envs`` first and works the same.
 """
 import importlib.util
 import sys

@@ -5,18 +5,24 @@ groups under ``distill/conf/``); ``key=value`` overrides any knob (``steps=4``,
 ``method.env_weight=0.3``, ``model.lora_r=8``), ``group=option`` picks a preset
 (``method=opd``, ``model=small``, ``teacher=http``). Composition uses Hydra's compose API, so
 the override grammar is Hydra's; the composed config is then checked against the dataclasses
-below and the chosen method's config dataclass, so a misspelt key fails with its name.
+below and the chosen method's config dataclass, so a misspelt key fails with its name, and
+every value against ``RULES`` (one table: key, what is allowed, the check), so a bad value is one
+line ``<key>: <what is allowed>, got <value>`` before anything starts.
 Only the entry point reads this; components take plain arguments.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
+
+from envs.actions import PROTOCOLS
+from envs.grading import REWARD_METRICS
 
 CONF_DIR = Path(__file__).parent / "conf"
 
@@ -114,24 +120,139 @@ AUTO_REWARD = {"ovd": "f1"}
 
 
 class ConfigError(ValueError):
-    pass
+    """One line for the user: ``<key>: <what is allowed>, got <value>``."""
+
+
+# -- validation: one table, one line per key ------------------------------------------------------------
+ENV_NAMES = ("webqa",)  # env=<name> presets that exist; conf/env/math.yaml is reserved for Math-v0
+TEACHER_KINDS = ("auto", "local", "self", "http", "vllm", "none")  # distill.teachers.make_teacher
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "auto")  # agents.models
+
+
+@dataclass(frozen=True)
+class Rule:
+    key: str  # dotted path in TrainConfig
+    allowed: str  # what the error line says is allowed
+    ok: Callable[[Any], bool]
+    when: Optional[Callable[["TrainConfig"], bool]] = None  # the rule applies only where this holds
+
+
+def _at_least(lo: int) -> tuple[str, Callable[[Any], bool]]:
+    return f"an integer >= {lo}", lambda v: v >= lo
+
+
+def _positive() -> tuple[str, Callable[[Any], bool]]:
+    return "a finite number > 0", lambda v: math.isfinite(v) and v > 0
+
+
+def _non_negative() -> tuple[str, Callable[[Any], bool]]:
+    return "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0
+
+
+def _one_of(*xs: str) -> tuple[str, Callable[[Any], bool]]:
+    return "one of " + ", ".join(xs), lambda v: v in xs
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("steps", *_at_least(1)),
+    Rule("questions_per_step", *_at_least(1)),
+    Rule("group_size", *_at_least(1)),
+    Rule("micro_batch_size", *_at_least(1)),
+    Rule("max_tokens_per_turn", *_at_least(1)),
+    Rule("max_total_tokens", *_at_least(1)),
+    Rule("save_every", *_at_least(1)),
+    Rule("keep_checkpoints", *_at_least(1)),
+    Rule("max_empty_steps", *_at_least(1)),
+    Rule("warmup_steps", *_at_least(0)),
+    Rule("threads", "an integer >= 0 (0: torch's default)", lambda v: v >= 0),
+    Rule("seed", "an integer in [0, 2**32)", lambda v: 0 <= v < 2**32),
+    Rule("lr", *_positive()),
+    Rule("weight_decay", *_non_negative()),
+    Rule("max_grad_norm", *_positive()),
+    Rule("temperature", "a finite number >= 0 (0: greedy)", lambda v: math.isfinite(v) and v >= 0),
+    Rule("top_p", "a number in (0, 1]", lambda v: 0 < v <= 1),
+    Rule("eval.questions", *_at_least(0)),
+    Rule("env.name", f"one of {', '.join(ENV_NAMES)} (env=math is Math-v0, which is not built yet)", lambda v: v in ENV_NAMES),
+    Rule("env.id", "a Gymnasium env id", lambda v: bool(v.strip())),
+    Rule("env.eval_id", "a Gymnasium env id", lambda v: bool(v.strip())),
+    Rule("env.retriever", "bundled, an index dir, a corpus file or http://host:port", lambda v: bool(v.strip())),
+    Rule("env.top_k", *_at_least(1)),
+    Rule("env.max_turns", "an integer >= 1, or null for the env's default", lambda v: v is None or v >= 1),
+    Rule("env.reward", *_one_of("auto", *REWARD_METRICS)),
+    Rule("env.protocol", *_one_of(*PROTOCOLS)),
+    Rule("model.dtype", *_one_of(*DTYPES)),
+    Rule("model.lora_r", *_at_least(1)),
+    Rule("model.lora_alpha", *_positive()),
+    Rule("model.lora_dropout", "a number in [0, 1)", lambda v: 0 <= v < 1),
+    Rule("model.tiny_hidden", *_at_least(1)),
+    Rule("model.tiny_layers", *_at_least(1)),
+    Rule("teacher.kind", *_one_of(*TEACHER_KINDS)),
+    Rule("teacher.url", "the http:// or https:// base URL of an OpenAI-compatible server (teacher=http requires it)",
+         lambda v: bool(re.fullmatch(r"https?://[^\s/]+(/\S*)?", v)), when=lambda c: c.teacher.kind == "http"),
+    Rule("teacher.dtype", *_one_of(*DTYPES)),
+    Rule("teacher.timeout", *_positive()),
+    Rule("teacher.retries", *_at_least(0)),
+    Rule("teacher.concurrency", *_at_least(1)),
+    Rule("teacher.batch_size", *_at_least(1)),
+)
+
+
+def validate(cfg: "TrainConfig") -> None:
+    """Raise ``ConfigError`` for the first value ``RULES`` refuses (a missing key is skipped)."""
+    for rule in RULES:
+        if rule.when is not None and not rule.when(cfg):
+            continue
+        obj, missing = cfg, object()
+        for part in rule.key.split("."):
+            obj = getattr(obj, part, missing)
+        if obj is missing:
+            continue
+        try:
+            good = bool(rule.ok(obj))
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise ConfigError(f"{rule.key}: {rule.allowed}, got {_show(obj)}")
+
+
+def _show(v: Any) -> str:
+    return "null" if v is None else repr(v) if isinstance(v, str) else str(v)
+
+
+_TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
+
+
+def _omegaconf_error(exc, prefix: str = "") -> ConfigError:
+    """An OmegaConf type or key error as ``<key>: <what is allowed>, got <value>``."""
+    key = prefix + str(exc.full_key or exc.key or "?")
+    if isinstance(exc, ConfigKeyError):
+        return ConfigError(f"{key}: not a config key (python -m distill.run --cfg prints every key), got {key!r}")
+    first = (exc.msg or "").strip().splitlines()[0] if exc.msg else "a valid value"
+    m = re.search(r"could not be converted to (\w+)", first)
+    allowed = _TYPE_WORDS.get(m.group(1), f"a {m.group(1)}") if m else first
+    return ConfigError(f"{key}: {allowed}, got {_show(exc.value)}")
 
 
 def compose(overrides: list[str]):
     """Hydra composition of ``distill/conf`` with command-line overrides."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, MissingConfigException
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name="distill"):
             return hydra_compose(config_name="config", overrides=list(overrides))
+    except MissingConfigException as exc:  # group=option with no such option
+        group, _, name = (exc.missing_cfg_file or "?/?").rpartition("/")
+        raise ConfigError(f"{group}: one of {', '.join(exc.options or [])}, got {name!r}") from None
     except HydraException as exc:
         msg = str(exc).strip()
         m = re.match(r"Could not override '([^']+)'", msg)
         if m:
-            msg = f"unknown config key {m.group(1)!r} (python -m distill.run --cfg prints every key)"
-        raise ConfigError(msg) from None
+            key = m.group(1)
+            given = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0] == key), key)
+            raise ConfigError(f"{key}: not a config key (python -m distill.run --cfg prints every key), got {given!r}") from None
+        raise ConfigError(" ".join(msg.split())) from None
 
 
 def resolve(overrides: list[str]) -> tuple[TrainConfig, Any]:
@@ -143,11 +264,11 @@ def resolve_saved(saved, overrides: list[str]) -> tuple[TrainConfig, Any]:
     """A saved run's config.yaml with ``key=value`` overrides on top (``resume=DIR``)."""
     bad = [o for o in overrides if "=" not in o or "/" in o.split("=")[0]]
     if bad:
-        raise ConfigError(f"resume=DIR takes key=value overrides only, got {bad}")
+        raise ConfigError(f"resume: a run directory takes key=value overrides only, got {' '.join(bad)}")
     try:
         raw = OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides))
     except (ConfigKeyError, ValidationError) as exc:
-        raise ConfigError(f"bad config key or value {exc.full_key!r}: {exc.msg}") from None
+        raise _omegaconf_error(exc) from None
     return _typed(raw)
 
 
@@ -155,24 +276,27 @@ def _typed(raw) -> tuple[TrainConfig, Any]:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
     except (ConfigKeyError, ValidationError) as exc:
-        raise ConfigError(f"bad config key or value {exc.full_key!r}: {exc.msg}") from None
+        raise _omegaconf_error(exc) from None
     cfg: TrainConfig = OmegaConf.to_object(merged)
     from distill.methods import METHODS, get_method
 
     name = cfg.method.get("name")
     if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; the table has {sorted(METHODS)}")
+        raise ConfigError(f"method.name: one of {', '.join(sorted(METHODS))}, got {_show(name)}")
     method = get_method(name)
     known = {f.name for f in fields(method.config)}
     unknown = sorted(set(cfg.method) - known)
     if unknown:
-        raise ConfigError(f"unknown key(s) for method {name!r}: {', '.join('method.' + k for k in unknown)}; known: {sorted(known)}")
+        raise ConfigError(f"method.{unknown[0]}: not a key of method {name} (known: {', '.join(sorted(known))}), "
+                          f"got {_show(cfg.method[unknown[0]])}")
     try:
         mcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(method.config), cfg.method))
     except (ConfigKeyError, ValidationError) as exc:
-        raise ConfigError(f"bad value for method.{exc.key}: {exc.msg}") from None
-    except ValueError as exc:
-        raise ConfigError(f"method {name!r}: {exc}") from None
+        raise _omegaconf_error(exc, prefix="method.") from None
+    except ValueError as exc:  # the method config's own checks (__post_init__): name the field it mentions
+        words = re.findall(r"\w+", str(exc))
+        key = next((w for w in words if w in known and w != "name"), None)
+        raise ConfigError(f"method.{key}: {exc}" if key else f"method ({name}): {exc}") from None
     if cfg.env.reward == "auto":
         cfg.env.reward = AUTO_REWARD.get(name, "em")
     if cfg.teacher.kind == "auto":
@@ -184,6 +308,7 @@ def _typed(raw) -> tuple[TrainConfig, Any]:
             # token-level method gets the only same-tokenizer teacher there is, SmolLM2 itself
             # (signal 0 until the adapter moves the student away from it; a demo of the mechanics)
             cfg.teacher.name = "small"
+    validate(cfg)
     return cfg, mcfg
 
 

@@ -36,7 +36,7 @@ def _resume_config(run_dir: Path, overrides: list[str]):
 
     saved = run_dir / "config.yaml"
     if not saved.exists():
-        raise ConfigError(f"resume={run_dir}: no config.yaml there (not a run directory)")
+        raise ConfigError(f"resume: true, false or a run directory (one holding config.yaml), got {str(run_dir)!r}")
     return resolve_saved(OmegaConf.load(saved), [o for o in overrides if not o.startswith("resume=")])
 
 
@@ -56,15 +56,15 @@ def main(argv: list[str] | None = None) -> int:
             cfg.output_dir, resume_flag = str(run_dir), True
         else:
             run_dir, resume_flag = run_dir_for(cfg), resume in ("true", "1", "yes")
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # one line: <key>: <what is allowed>, got <value>
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     if show:
         print(to_yaml(cfg, mcfg))
         return 0
     from distill import checkpoint as ckpt
 
-    if not resume_flag and ckpt.latest_checkpoint(run_dir) is not None and not cfg.overwrite:
+    if not resume_flag and ckpt.latest_checkpoint(run_dir, intact=False) is not None and not cfg.overwrite:
         print(f"error: {run_dir} already holds a run; pass resume=true to continue it, overwrite=true to start "
               f"afresh there, or output_dir=... for a new one", file=sys.stderr)
         return 2
