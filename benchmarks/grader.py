@@ -8,6 +8,12 @@ itself through the same code path into ``runs_dir/<agent>``):
 
     python -m benchmarks.grader build runs=results/grader/runs/student,results/grader/runs/teacher scripted=oracle,baseline datasets=hotpotqa,nq limit=100
 
+The committed set (300 trajectories) was built with
+
+    python -m benchmarks.eval model=student datasets=hotpotqa,nq limit=75 out=results/grader/runs/student threads=2
+    python -m benchmarks.eval model=teacher datasets=hotpotqa,nq limit=15 out=results/grader/runs/teacher threads=2
+    python -m benchmarks.grader build limit=30
+
 It writes ``results/grader/recorded.jsonl.gz`` (sorted by source, dataset, question id; each
 record keeps question, gold_answers, actions, observations, answer, source, dataset,
 question_id, em, f1) and prints its composition. A source is a results folder; its name is the
