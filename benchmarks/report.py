@@ -1,0 +1,152 @@
+"""``python -m benchmarks.report``: the results pages and plots, regenerated from ``results/``.
+
+Reads every results file the benchmarks write and writes ``docs/results.md`` (one section per
+benchmark, each table with the file it came from) and its plots under ``docs/img/``: rollout
+speed against plain generation, learning curves, grader AUROC. Nothing here measures anything:
+a section whose results file is missing says so.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _f(x, nd: int = 3) -> str:
+    return "-" if x is None else f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def evaluation(results: Path) -> list[str]:
+    out = ["## Evaluation (`python -m benchmarks.eval`)", "",
+           "| results | model | dataset | episodes | EM | F1 | avg turns | answered |", "|---|---|---|---|---|---|---|---|"]
+    for p in sorted(results.glob("eval_*/summary.json")):
+        d = _load(p)
+        for ds, s in (d or {}).get("summary", {}).items():
+            if s.get("episodes"):
+                out.append(f"| `{p.relative_to(results.parent)}` | {d['model']} | {ds} | {s['episodes']} | {_f(s['em'])} | "
+                           f"{_f(s['f1'])} | {_f(s['avg_turns'], 2)} | {_f(s['answered'], 2)} |")
+        for ds, fb in (d or {}).get("feedback", {}).items():
+            a, w = fb["student_alone"], fb["with_feedback"]
+            out.append(f"| `{p.relative_to(results.parent)}` | {d['model']} + teacher feedback | {ds} | {w['episodes']} | "
+                       f"{_f(w['em'])} (alone {_f(a['em'])}) | {_f(w['f1'])} (alone {_f(a['f1'])}) | {_f(w['avg_turns'], 2)} | "
+                       f"teacher's turns {_f(fb['teacher_turn_share'])} |")
+    return out + [""]
+
+
+def grader(results: Path, img: Path) -> list[str]:
+    d = _load(results / "grader" / "summary.json")
+    out = ["## Grader quality (`python -m benchmarks.grader`)", ""]
+    if not d:
+        return out + ["No `results/grader/summary.json` yet.", ""]
+    out += [f"Recorded set: `{d['recorded']}` ({d['records']} trajectories scored).", "",
+            "| config | teacher | prompt | gold | readout | n | AUROC (EM=1) | Spearman (F1) | tied pairs | AUROC models only | s/score |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d["configs"]:
+        mo = r.get("models_only", {})
+        out.append(f"| {r['name']} | {r['teacher']} | {r['prompt']} | {r['show_gold']} | {r['readout']} | {r['n']} | "
+                   f"{_f(r['auroc'])} | {_f(r['spearman'])} | {_f(r['ties'])} | {_f(mo.get('auroc'))} ({mo.get('n', '-')}) | "
+                   f"{_f(r['sec_per_score'], 2)} |")
+    _bars(img / "grader_auroc.png", [f"{r['name']}\n{r['teacher']}" for r in d["configs"]],
+          [r["auroc"] or 0 for r in d["configs"]], "AUROC of the score against EM = 1")
+    return out + ["", "![grader AUROC](img/grader_auroc.png)", ""]
+
+
+def learning(results: Path, img: Path) -> list[str]:
+    d = _load(results / "learning" / "learning.json")
+    out = ["## Learning (`python -m benchmarks.learning`)", ""]
+    if not d:
+        return out + ["No `results/learning/learning.json` yet.", ""]
+    from benchmarks.learning import markdown
+
+    out += [markdown(d), "", f"Settings: `{json.dumps(d['settings'])}`", ""]
+    if (results / "learning" / "learning.png").exists():
+        out += ["![learning curves](../results/learning/learning.png)", ""]
+    return out
+
+
+def rollout_speed(results: Path, img: Path) -> list[str]:
+    rows, names, ratios = [], [], []
+    for p in sorted(results.glob("rollout_speed*.json")):
+        d = _load(p) or {}
+        r = d.get("ratio_interleaved_rounds") or d.get("ratio_rollout_over_generate")
+        if r is None:
+            continue
+        cfg = d.get("config", {})
+        rows.append(f"| `{p.name}` | {cfg.get('model', '-')} | {cfg.get('dtype', 'float32')} | {d.get('episodes', '-')} | {_f(r)} |")
+        names.append(p.stem.replace("rollout_speed_", ""))
+        ratios.append(r)
+    out = ["## Rollout speed (`python -m benchmarks.rollout_speed`)", "",
+           "Throughput of the multi-turn rollout over plain batched `model.generate` on the same prompts "
+           "(interleaved rounds pooled where measured). Analysis: [rollouts.md](rollouts.md).", "",
+           "| results | model | dtype | episodes | rollout / generate |", "|---|---|---|---|---|", *rows, ""]
+    if ratios:
+        _bars(img / "rollout_speed.png", names, ratios, "rollout throughput / plain generate")
+        out += ["![rollout speed](img/rollout_speed.png)", ""]
+    return out
+
+
+def engine_speed(results: Path) -> list[str]:
+    out = ["## Engines (`python -m benchmarks.engine_speed`)", "", "| results | tokens/s | vLLM / transformers |", "|---|---|---|"]
+    for p in sorted(results.glob("engine_speed*.json")):
+        d = _load(p) or {}
+        tps = ", ".join(f"{k} {_f(v, 2)}" for k, v in (d.get("tokens_per_s") or {}).items())
+        out.append(f"| `{p.name}` | {tps} | {_f(d.get('ratio_vllm_over_transformers'), 2)} |")
+    return out + [""]
+
+
+def hostile(results: Path) -> list[str]:
+    d = _load(results / "hostile.json")
+    out = ["## Hostile input (`python -m benchmarks.hostile`)", ""]
+    if not d:
+        return out + ["No `results/hostile.json` yet.", ""]
+    rows = d.get("rows") or d.get("requests") or []
+    out += [f"{len(rows)} requests; see `results/hostile.json` for each one's status, latency and RSS.", ""]
+    return out
+
+
+def _bars(path: Path, labels: list[str], values: list[float], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(labels)), 3.2))
+    ax.bar(range(len(values)), values)
+    ax.set_xticks(range(len(values)), labels, fontsize=7, rotation=20, ha="right")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None, results: Path = ROOT / "results", docs: Path = ROOT / "docs") -> int:
+    from corpora.cache import atomic_write_text
+
+    img = docs / "img"
+    lines = ["# Results", "", "Generated by `python -m benchmarks.report` from `results/`; do not edit by hand. "
+             "Each number comes from the file named next to it; the commands that produced them are in the benchmarks' "
+             "docstrings and the pages linked from the [README](../README.md).", ""]
+    lines += evaluation(results) + grader(results, img) + learning(results, img) + rollout_speed(results, img)
+    lines += engine_speed(results) + hostile(results)
+    atomic_write_text(docs / "results.md", "\n".join(lines) + "\n")
+    print(f"wrote {docs / 'results.md'} and {len(glob.glob(str(img / '*.png')))} plots in {img}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
