@@ -25,10 +25,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,6 +39,7 @@ from agents.policy import SamplingParams
 from agents.rollout import SOURCE_STUDENT, Trajectory, rollout
 from corpora.cache import atomic_write_json, atomic_write_text
 from distill import checkpoint as ckpt
+from distill import runlog
 from distill.config import TrainConfig, to_yaml
 from distill.forward import checkpointed, checkpointing_layers, forward_at, num_layers
 from distill.losses import entropy, token_logprobs
@@ -184,50 +184,6 @@ def evaluate(policy, make_env, qids: list[str], cfg: TrainConfig, label: str = "
         return run_eval(policy, make_env, qids, "heldout", seed=cfg.seed, progress=lambda done, total: bar.update(done - bar.n))
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set since the process started. It counts the file-backed pages of the
-    memory-mapped safetensors weights too (clean page cache the kernel can drop), so it
-    overstates what a run needs; ``AnonPeak`` measures the process's own memory."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-class AnonPeak:
-    """Peak anonymous resident memory (``RssAnon`` of /proc/self/status: heap, activations,
-    copied weights; not the mapped weight files), sampled every ``interval`` seconds by a daemon
-    thread. ``take()`` returns the peak since the last ``take()`` in MB (0 off Linux)."""
-
-    def __init__(self, interval: float = 0.1):
-        import threading
-
-        self.peak = 0.0
-        self._lock = threading.Lock()
-        self.ok = os.path.exists("/proc/self/status")
-        if self.ok:
-            threading.Thread(target=self._run, args=(interval,), daemon=True, name="anon-peak").start()
-
-    @staticmethod
-    def now() -> float:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) / 1024.0
-        return 0.0
-
-    def _run(self, interval: float) -> None:
-        while True:
-            v = self.now()
-            with self._lock:
-                self.peak = max(self.peak, v)
-            time.sleep(interval)
-
-    def take(self) -> float:
-        if not self.ok:
-            return 0.0
-        with self._lock:
-            out, self.peak = max(self.peak, self.now()), 0.0
-        return out
-
-
 def _crash_point(name: str, step: int) -> None:
     """Test hook: ``DISTILL_CRASH_AT=<step>:<point>`` SIGKILLs this process there."""
     want = os.environ.get("DISTILL_CRASH_AT")
@@ -236,7 +192,63 @@ def _crash_point(name: str, step: int) -> None:
 
 
 # -- the loop -------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Everything a run holds between steps (built once by ``setup``)."""
+
+    cfg: TrainConfig
+    mcfg: Any
+    method: Any
+    run_dir: Path
+    model: Any
+    policy: TransformersPolicy
+    teacher: Any
+    reference: Any
+    optimizer: Any
+    scheduler: Any
+    params: list
+    blocks: list
+    layers: Any
+    n_layers: tuple[int, int]
+    make_env: Callable
+    make_eval_env: Callable
+    train_ids: list[str]
+    eval_ids: list[str]
+    start: int
+    method_state: dict
+    history: list[dict]
+    writer: Any
+    wandb: Any
+    anon: Any
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
 def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
+    """Held-out eval, ``cfg.steps`` steps (from the last checkpoint when resuming), held-out eval."""
+    run = setup(cfg, mcfg, run_dir, resume)
+    if run.start == 0 and cfg.eval.before and not (run_dir / "eval_before.json").exists():
+        runlog.write_eval(run_dir, "before", *evaluate(run.policy, run.make_eval_env, run.eval_ids, cfg, "before"))
+    bar = runlog.progress(cfg, run.start)
+    empty = 0  # steps in a row whose every trajectory was dropped (teacher failures)
+    for step in range(run.start, cfg.steps):
+        line, sig = train_step(run, step, bar)
+        empty = empty + 1 if all(a is None for a in sig.advantages) else 0
+        if empty >= cfg.max_empty_steps:
+            bar.close()
+            raise TrainingError(f"{empty} steps in a row dropped every trajectory, so nothing trained (last step: "
+                                f"teacher_failed {line.get('teacher_failed', 0):.0f}, unparseable "
+                                f"{line.get('teacher_unparseable', 0):.0f}); see {run.metrics_path}")
+        bar.update(1)
+        bar.set_postfix_str(runlog.postfix(line))
+    bar.close()
+    return finish(run)
+
+
+def setup(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> Run:
+    """Seeds, student, teacher (checked), optimizer, envs and questions, and the resumed state."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
@@ -244,11 +256,8 @@ def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
     torch.manual_seed(cfg.seed)
     method = get_method(mcfg.name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    anon = AnonPeak()
-
+    anon = runlog.AnonPeak()
     model, tok = load_student(cfg.model, cfg.seed)
-    blocks = checkpointing_layers(model) if cfg.model.gradient_checkpointing else []
-    policy = TransformersPolicy(model, tok)
     teacher = make_teacher(cfg.teacher, model, tok, cfg.model.name)
     check_capabilities(mcfg.name, method.needs(mcfg), teacher, tok)
     if hasattr(teacher, "check"):  # a remote teacher answers before any step runs
@@ -263,128 +272,125 @@ def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
         reference = LocalTeacher.self_teacher(model, tok, name="reference")
     n_s = num_layers(model)
     n_t = num_layers(teacher.model) if hasattr(getattr(teacher, "model", None), "config") else 0
-    layers = method.student_layers(mcfg, n_s, n_t)
-
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
 
-    make_env = make_env_factory(cfg.env, cfg.env.id)
-    make_eval_env = make_env_factory(cfg.env, cfg.env.eval_id)
-    train_ids = question_ids(make_env)
-    eval_ids = question_ids(make_eval_env)[: cfg.eval.questions]
+    make_env, make_eval_env = make_env_factory(cfg.env, cfg.env.id), make_env_factory(cfg.env, cfg.env.eval_id)
+    train_ids, eval_ids = question_ids(make_env), question_ids(make_eval_env)[: cfg.eval.questions]
     overlap = set(train_ids) & set(eval_ids)
     if overlap:
         raise ValueError(f"held-out questions overlap the training questions ({len(overlap)}): pick another env.eval_id")
 
-    start, method_state = 0, {}
+    start, method_state, history = 0, {}, []
     metrics_path = run_dir / "metrics.jsonl"
     last = ckpt.latest_checkpoint(run_dir) if resume else None
     if last is not None:
         state = ckpt.load(last, model, optimizer, scheduler)
         start, method_state = int(state["step"]), state["method_state"]
         history = ckpt.repair_metrics(metrics_path, start, state["metrics"])
-    else:
-        if metrics_path.exists():
-            metrics_path.unlink()
-        history = []
+    elif metrics_path.exists():
+        metrics_path.unlink()
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg, mcfg))
+    return Run(cfg, mcfg, method, run_dir, model, TransformersPolicy(model, tok), teacher, reference, optimizer, scheduler,
+               params, checkpointing_layers(model) if cfg.model.gradient_checkpointing else [],
+               method.student_layers(mcfg, n_s, n_t), (n_s, n_t), make_env, make_eval_env, train_ids, eval_ids, start,
+               method_state, history, runlog.tensorboard(run_dir, cfg, start),
+               runlog.wandb_run(run_dir, cfg, mcfg) if cfg.wandb else None, anon)
 
-    writer = _tensorboard(run_dir, cfg, start)
-    wandb_run = _wandb(run_dir, cfg, mcfg) if cfg.wandb else None
-    if start == 0 and cfg.eval.before and not (run_dir / "eval_before.json").exists():
-        summary, recs = evaluate(policy, make_eval_env, eval_ids, cfg, "before")
-        _write_eval(run_dir, "before", summary, recs)
 
-    sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p)
-    bar = _progress(cfg, start)
-    empty = 0  # steps in a row whose every trajectory was dropped (teacher failures)
-    for step in range(start, cfg.steps):
-        t_start = time.perf_counter()
-        anon.take()  # the step's own peak from here
-        step_seed = cfg.seed * 1_000_003 + step
-        bar.set_description(f"step {step + 1}/{cfg.steps} rollout")
-        qids = step_questions(train_ids, step, cfg.questions_per_step, cfg.seed)
-        roll = lambda pol, opts, g=1: rollout(  # noqa: E731
-            pol, make_env, opts, g, SamplingParams(**{**asdict(sampling), "seed": step_seed}), cfg.max_tokens_per_turn,
-            cfg.max_total_tokens, seed=step_seed, with_privileged=True)
-        trajs = roll(policy, [{"question_id": q} for q in qids], cfg.group_size)
-        _crash_point("rollout", step + 1)
-        t_roll = time.perf_counter()
+def train_step(run: Run, step: int, bar) -> tuple[dict, Signal]:
+    """rollout -> method.prepare (teacher signal and advantages) -> update -> log and checkpoint."""
+    cfg = run.cfg
+    t_start = time.perf_counter()
+    run.anon.take()  # the step's own peak from here
+    step_seed = cfg.seed * 1_000_003 + step
+    sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, seed=step_seed)
+    bar.set_description(f"step {step + 1}/{cfg.steps} rollout")
+    qids = step_questions(run.train_ids, step, cfg.questions_per_step, cfg.seed)
+    roll = lambda pol, opts, g=1: rollout(  # noqa: E731
+        pol, run.make_env, opts, g, sampling, cfg.max_tokens_per_turn, cfg.max_total_tokens, seed=step_seed, with_privileged=True)
+    trajs = roll(run.policy, [{"question_id": q} for q in qids], cfg.group_size)
+    _crash_point("rollout", step + 1)
+    t_roll = time.perf_counter()
 
-        bar.set_description(f"step {step + 1}/{cfg.steps} teacher")
-        ctx = Context(policy, roll, lambda seqs, targets, ls: _student_hidden(model, policy.pad_id, seqs, targets, ls),
-                      method_state, n_s, n_t, step_seed, step + 1, cfg.group_size)
-        sig = method.prepare(trajs, teacher, mcfg, ctx)
-        trajs = sig.trajectories or trajs
-        t_teacher = time.perf_counter()
+    bar.set_description(f"step {step + 1}/{cfg.steps} teacher")
+    hidden = lambda seqs, targets, ls: _student_hidden(run.model, run.policy.pad_id, seqs, targets, ls)  # noqa: E731
+    ctx = Context(run.policy, roll, hidden, run.method_state, *run.n_layers, step_seed, step + 1, cfg.group_size)
+    sig = run.method.prepare(trajs, run.teacher, run.mcfg, ctx)
+    trajs = sig.trajectories or trajs
+    t_teacher = time.perf_counter()
 
-        bar.set_description(f"step {step + 1}/{cfg.steps} update")
-        samples = build_samples(trajs, sig)
-        denominator = sum(sum(s.weights) for s in samples)
-        loss_sum, agg, rows, ent_sum = 0.0, {}, 0, 0.0
-        drift_sum, drift_n = 0.0, 0
-        optimizer.zero_grad(set_to_none=True)
-        for a in range(0, len(samples), cfg.micro_batch_size):
-            with checkpointed(blocks):
-                mb = micro_batch(model, samples[a : a + cfg.micro_batch_size], policy.pad_id, denominator, layers,
-                                 reference=reference, state=method_state, n_layers=(n_s, n_t))
-                loss, m = method.loss(mb, teacher, mcfg)
-                loss.backward()
-            n = int(mb.logprobs_N.numel())
-            loss_sum += float(loss.detach())
-            with torch.no_grad():
-                ent_sum += float(entropy(mb.logits_N_V.detach()).sum())
-                known = torch.isfinite(mb.old_logprobs_N)
-                drift_sum += float((mb.logprobs_N.detach() - mb.old_logprobs_N)[known].abs().sum())
-                drift_n += int(known.sum())
-            for k, v in m.items():
-                agg[k] = agg.get(k, 0.0) + v * n
-            rows += n
-            del mb, loss
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if samples else 0.0
-        if samples:
-            optimizer.step()
-        scheduler.step()
-        t_end = time.perf_counter()
+    bar.set_description(f"step {step + 1}/{cfg.steps} update")
+    samples = build_samples(trajs, sig)
+    upd = update(run, samples)
+    t_end = time.perf_counter()
 
-        line = _metrics_line(step + 1, trajs, sig, loss_sum, agg, rows, ent_sum, grad_norm, scheduler.get_last_lr()[0],
-                             len(samples), (t_start, t_roll, t_teacher, t_end), teacher, anon)
-        line["logprob_drift"] = drift_sum / max(drift_n, 1)  # mean |learner - sampler| log-prob, student tokens
-        _write_trajectories(run_dir, step + 1, trajs)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            ckpt.save(run_dir, step + 1, model, optimizer, scheduler, method_state, line, cfg.keep_checkpoints)
-            _crash_point("checkpoint", step + 1)
-        ckpt.append_metrics(metrics_path, line)  # lines after the last checkpoint are dropped on resume
-        _crash_point("metrics", step + 1)
-        history.append(line)
-        _log(writer, wandb_run, line)
-        empty = empty + 1 if all(a is None for a in sig.advantages) else 0
-        if empty >= cfg.max_empty_steps:
-            bar.close()
-            raise TrainingError(f"{empty} steps in a row dropped every trajectory, so nothing trained (last step: "
-                                f"teacher_failed {line.get('teacher_failed', 0):.0f}, unparseable "
-                                f"{line.get('teacher_unparseable', 0):.0f}); see {metrics_path}")
-        bar.update(1)
-        bar.set_postfix_str(_postfix(line))
-    bar.close()
+    line = runlog.metrics_line(step + 1, trajs, sig, upd["loss"], upd["agg"], upd["rows"], upd["entropy_sum"], upd["grad_norm"],
+                               run.scheduler.get_last_lr()[0], len(samples), (t_start, t_roll, t_teacher, t_end), run.teacher, run.anon)
+    line["logprob_drift"] = upd["drift"]  # mean |learner - sampler| log-prob, student tokens
+    runlog.write_trajectories(run.run_dir, step + 1, trajs)
+    if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+        ckpt.save(run.run_dir, step + 1, run.model, run.optimizer, run.scheduler, run.method_state, line, cfg.keep_checkpoints)
+        _crash_point("checkpoint", step + 1)
+    ckpt.append_metrics(run.metrics_path, line)  # lines after the last checkpoint are dropped on resume
+    _crash_point("metrics", step + 1)
+    run.history.append(line)
+    runlog.log(run.writer, run.wandb, line)
+    return line, sig
 
+
+def update(run: Run, samples: list[Sample]) -> dict:
+    """One optimizer step over ``samples`` in micro-batches (gradient accumulation: every loss is a
+    sum over agent tokens divided by the trained tokens of the whole step)."""
+    cfg = run.cfg
+    denominator = sum(sum(s.weights) for s in samples)
+    out = {"loss": 0.0, "agg": {}, "rows": 0, "entropy_sum": 0.0}
+    drift_sum, drift_n = 0.0, 0
+    run.optimizer.zero_grad(set_to_none=True)
+    for a in range(0, len(samples), cfg.micro_batch_size):
+        with checkpointed(run.blocks):
+            mb = micro_batch(run.model, samples[a : a + cfg.micro_batch_size], run.policy.pad_id, denominator, run.layers,
+                             reference=run.reference, state=run.method_state, n_layers=run.n_layers)
+            loss, m = run.method.loss(mb, run.teacher, run.mcfg)
+            loss.backward()
+        n = int(mb.logprobs_N.numel())
+        out["loss"] += float(loss.detach())
+        with torch.no_grad():
+            out["entropy_sum"] += float(entropy(mb.logits_N_V.detach()).sum())
+            known = torch.isfinite(mb.old_logprobs_N)
+            drift_sum += float((mb.logprobs_N.detach() - mb.old_logprobs_N)[known].abs().sum())
+            drift_n += int(known.sum())
+        for k, v in m.items():
+            out["agg"][k] = out["agg"].get(k, 0.0) + v * n
+        out["rows"] += n
+        del mb, loss
+    out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)) if samples else 0.0
+    if samples:
+        run.optimizer.step()
+    run.scheduler.step()
+    out["drift"] = drift_sum / max(drift_n, 1)
+    return out
+
+
+def finish(run: Run) -> dict:
+    """Held-out eval after training, the final adapter, the plot and summary.json."""
+    cfg, run_dir = run.cfg, run.run_dir
     result = {"run_dir": str(run_dir), "steps": cfg.steps}
     if cfg.eval.after and not (run_dir / "eval_after.json").exists():
-        summary, recs = evaluate(policy, make_eval_env, eval_ids, cfg, "after")
-        _write_eval(run_dir, "after", summary, recs)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(str(run_dir / "final_adapter"))
+        runlog.write_eval(run_dir, "after", *evaluate(run.policy, run.make_eval_env, run.eval_ids, cfg, "after"))
+    if hasattr(run.model, "save_pretrained"):
+        run.model.save_pretrained(str(run_dir / "final_adapter"))
     for which in ("before", "after"):
         p = run_dir / f"eval_{which}.json"
         if p.exists():
             result[f"eval_{which}"] = json.loads(p.read_text())
-    _plot(run_dir, history)
+    runlog.plot(run_dir, run.history)
     atomic_write_json(run_dir / "summary.json", result)
-    if writer is not None:
-        writer.close()
-    if wandb_run is not None:
-        wandb_run.finish()
+    if run.writer is not None:
+        run.writer.close()
+    if run.wandb is not None:
+        run.wandb.finish()
     return result
 
 
@@ -404,129 +410,3 @@ class _null:
         return False
 
 
-def _metrics_line(step, trajs, sig, loss_sum, agg, rows, ent_sum, grad_norm, lr, n_samples, times, teacher, anon=None) -> dict:
-    n = max(len(trajs), 1)
-    t0, t1, t2, t3 = times
-    line = {
-        "step": step,
-        "reward": sum(t.reward for t in trajs) / n,
-        "em": sum(t.em for t in trajs) / n,
-        "f1": sum(t.f1 for t in trajs) / n,
-        "cover_em": sum(t.cover_em for t in trajs) / n,
-        "turns": sum(len(t.actions) for t in trajs) / n,
-        "answered": sum(t.answer is not None for t in trajs) / n,
-        "invalid_actions": sum(t.invalid_actions for t in trajs) / n,
-        "invalid_action_rate": sum(t.invalid_actions for t in trajs) / max(sum(len(t.actions) for t in trajs), 1),
-        "trajectories": len(trajs),
-        "trained_samples": n_samples,
-        "agent_tokens": sum(t.num_agent_tokens for t in trajs),
-        "tokens": sum(t.num_tokens for t in trajs),
-        "loss": loss_sum,
-        "entropy": ent_sum / max(rows, 1),
-        "grad_norm": grad_norm,
-        "lr": lr,
-        "seconds": t3 - t0,
-        "seconds_rollout": t1 - t0,
-        "seconds_teacher": t2 - t1,
-        "seconds_update": t3 - t2,
-        "peak_rss_mb": peak_rss_mb(),
-        "peak_anon_mb": anon.take() if anon is not None else 0.0,
-    }
-    if torch.cuda.is_available():
-        line["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    line.update({k: float(v) for k, v in sig.metrics.items()})
-    line.update({k: v / max(rows, 1) for k, v in agg.items()})
-    for k, v in (getattr(teacher, "stats", None) or {}).items():
-        line[f"teacher_{k}_total"] = v
-    return line
-
-
-def _postfix(line: dict) -> str:
-    out = f"reward {line['reward']:.3f} EM {line['em']:.3f}"
-    if "teacher_score_mean" in line:
-        out += f" teacher {line['teacher_score_mean']:.2f}"
-        if "teacher_score_std" in line:
-            out += f"±{line['teacher_score_std']:.2f}"
-    if "accept_rate" in line:
-        out += f" accept {line['accept_rate']:.2f} replaced {line['replaced_turns']:.0f} turns {line['teacher_tokens']:.0f} tok"
-    return out + f" loss {line['loss']:+.4f}"
-
-
-def _write_trajectories(run_dir: Path, step: int, trajs) -> None:
-    from agents.evaluation import episode_record
-
-    out = run_dir / "trajectories" / f"step_{step:06d}.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    recs = []
-    for t in trajs:
-        r = episode_record(t, "train")
-        r.update({"step": step, "sample_index": t.sample_index, "text": t.text, "sources": t.sources,
-                  "replaced_from_turn": t.info.get("replaced_from_turn")})
-        recs.append(r)
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-
-
-def _write_eval(run_dir: Path, which: str, summary: dict, recs: list[dict]) -> None:
-    atomic_write_text(run_dir / f"eval_{which}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-    atomic_write_json(run_dir / f"eval_{which}.json", summary)
-
-
-def _tensorboard(run_dir: Path, cfg, start: int):
-    if not cfg.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("tensorboard is not installed: pip install tensorboard (continuing without it)")
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1)
-
-
-def _wandb(run_dir: Path, cfg, mcfg):
-    try:
-        import wandb
-    except ImportError:
-        print("wandb=true but wandb is not installed: pip install wandb (continuing without it)")
-        return None
-    return wandb.init(project="webqa-gym", dir=str(run_dir), config={"method": asdict(mcfg)}, resume="allow")
-
-
-def _log(writer, wandb_run, line: dict) -> None:
-    for k, v in line.items():
-        if k != "step" and isinstance(v, (int, float)):
-            if writer is not None:
-                writer.add_scalar(k, v, line["step"])
-    if writer is not None:
-        writer.flush()
-    if wandb_run is not None:
-        wandb_run.log({k: v for k, v in line.items() if k != "step"}, step=line["step"])
-
-
-def _progress(cfg, start):
-    from tqdm import tqdm
-
-    return tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step", dynamic_ncols=True)
-
-
-def _plot(run_dir: Path, history: list[dict]) -> None:
-    if not history:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [h["step"] for h in history]
-    panels = [("reward", "env reward"), ("em", "EM"), ("teacher_score_mean", "teacher score (0-9)"), ("loss", "loss")]
-    panels = [(k, t) for k, t in panels if any(k in h for h in history)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (k, title) in zip(np.atleast_1d(axes), panels):
-        ax.plot(steps, [h.get(k, float("nan")) for h in history], marker="o")
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = run_dir / ".plot.png.tmp"
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, run_dir / "plot.png")
