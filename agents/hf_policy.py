@@ -33,7 +33,7 @@ Works with any causal LM in transformers, with or without a peft adapter, on CPU
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -267,7 +267,11 @@ class TransformersPolicy(TokenizerPolicy):
         return self.model(**kwargs)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, contexts=None) -> list[Completion]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, contexts=None,
+                 should_stop: Callable[[int], bool] | None = None) -> list[Completion]:
+        """``should_stop(n)``, when given, is called after each decode step with the number of tokens
+        generated so far; True ends generation there (rows still going finish with "length"). The
+        model server uses it to drop a request whose client went away or whose deadline passed."""
         if not prompts:
             return []
         sp = sampling
@@ -310,7 +314,7 @@ class TransformersPolicy(TokenizerPolicy):
                     self._keep(past, attn, b, prompts[i] + ids[i][:-1])
                 if not reason[i]:
                     live.append(b)
-            if not live or last:
+            if not live or last or (should_stop is not None and should_stop(step + 1)):
                 break
             if can_drop and len(live) < len(rows):  # finished rows leave the batch
                 sel = torch.tensor(live, device=self.device)

@@ -16,13 +16,16 @@ a JSON string as in OpenAI's API)::
     <tool_call>{"name": "answer", "arguments": {"answer": "..."}}</tool_call>
 
 Exactly one action per turn. Parsing is a single linear scan (no backtracking regex), never
-raises, and caps every size so a 1 MB action costs one pass over the text.
+raises, and caps every size so a 1 MB action costs one pass over the text. Tool-call JSON goes
+through :mod:`corpora.jsonguard` (depth, size and integer-length limits), so deep nesting or a
+5,000-digit number is an invalid action, not an exception.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
+
+from corpora.jsonguard import JSONGuardError, loads as _json_loads
 
 TOOLS = ("search", "browse", "answer")
 PROTOCOLS = ("tags", "tool_call")
@@ -31,6 +34,8 @@ MAX_ACTION_CHARS = 20_000
 MAX_QUERY_CHARS = 500
 MAX_TITLE_CHARS = 300
 MAX_ANSWER_CHARS = 500
+MAX_JSON_DEPTH = 16  # tool-call JSON nesting (a call needs 2)
+MAX_INT_DIGITS = 20  # digits of one integer in a tool call (a page part, a numeric query)
 
 _TAG = re.compile(r"<(/?)(search|browse|answer|think|tool_call)\s*>", re.IGNORECASE)
 _PART = re.compile(r"^(.*?)\s*#\s*(\d{1,6})$", re.DOTALL)
@@ -190,9 +195,9 @@ _ARG_NAME = {"search": "query", "browse": "title", "answer": "answer"}
 
 def _parse_tool_call(body: str) -> Action:
     try:
-        call = json.loads(body)
-    except (json.JSONDecodeError, RecursionError):
-        return _invalid(f"tool call is not valid JSON: {_short(body)!r}")
+        call = _json_loads(body, max_bytes=MAX_ACTION_CHARS, max_depth=MAX_JSON_DEPTH, max_int_digits=MAX_INT_DIGITS)
+    except JSONGuardError as exc:
+        return _invalid(f"tool call is not valid JSON ({_short(str(exc), 80)}): {_short(body)!r}")
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         return _invalid('tool call must be a JSON object with a "name" and "arguments"')
     name = call["name"]
@@ -201,9 +206,10 @@ def _parse_tool_call(body: str) -> Action:
     args = call.get("arguments", call.get("parameters", {}))
     if isinstance(args, str):
         try:
-            args = json.loads(args) if args.strip() else {}
-        except (json.JSONDecodeError, RecursionError):
-            return _invalid(f"arguments of {name} are not valid JSON")
+            args = _json_loads(args, max_bytes=MAX_ACTION_CHARS, max_depth=MAX_JSON_DEPTH,
+                               max_int_digits=MAX_INT_DIGITS) if args.strip() else {}
+        except JSONGuardError as exc:
+            return _invalid(f"arguments of {name} are not valid JSON ({_short(str(exc), 80)})")
     if not isinstance(args, dict):
         return _invalid(f"arguments of {name} must be a JSON object")
     key = _ARG_NAME[name]

@@ -156,7 +156,7 @@ def test_malformed_requests_get_400_and_the_server_stays_up(server):
     r = requests.post(url, data=b'{"prompt": [1, 2', timeout=10)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     for bad, param in [({"prompt": [1, 2], "max_tokens": -1}, "max_tokens"), ({"prompt": [10**9]}, "prompt"),
-                       ({"prompt": []}, "prompt"), ({"prompt": [1], "n": 3}, "n"), ({"prompt": [1], "max_tokens": 0}, "max_tokens"),
+                       ({"prompt": []}, "prompt"), ({"prompt": [1], "n": 99}, "n"), ({"prompt": [1], "max_tokens": 0}, "max_tokens"),
                        ({"prompt": [1], "temperature": "hot"}, "temperature"), ({"prompt": [1], "logprobs": 99}, "logprobs"),
                        ({"prompt": [1], "stop": [3]}, "stop")]:
         r = requests.post(url, json=bad, timeout=10)
