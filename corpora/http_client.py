@@ -78,6 +78,7 @@ class HttpRetriever:
         down_seconds: float = 10.0,
         max_batch: int = 256,
         pool_size: int = 32,
+        max_results: int = 4096,
     ):
         if isinstance(urls, str):
             urls = [u for u in urls.split(",") if u.strip()]
@@ -88,6 +89,7 @@ class HttpRetriever:
         self.urls = [_retrieve_url(u) for u in urls]
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.down_seconds, self.max_batch, self.pool_size = down_seconds, max_batch, pool_size
+        self.max_results = max_results  # the server's cap on queries x topk per request (corpora.serve --max-results)
         self._setup()
 
     def _setup(self) -> None:
@@ -99,7 +101,7 @@ class HttpRetriever:
         self.failures_by_url = {u: 0 for u in self.urls}
 
     def __getstate__(self) -> dict:
-        keep = ("urls", "timeout", "retries", "backoff", "down_seconds", "max_batch", "pool_size")
+        keep = ("urls", "timeout", "retries", "backoff", "down_seconds", "max_batch", "pool_size", "max_results")
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state: dict) -> None:
@@ -132,8 +134,9 @@ class HttpRetriever:
             raise TypeError("search() takes a list of queries; wrap a single query in a list")
         queries = list(queries)
         out: list[list[Hit]] = []
-        for i in range(0, len(queries), self.max_batch):
-            out.extend(self._search_batch(queries[i : i + self.max_batch], k))
+        step = max(1, min(self.max_batch, self.max_results // max(k, 1)))  # stay under the server's queries x topk cap
+        for i in range(0, len(queries), step):
+            out.extend(self._search_batch(queries[i : i + step], k))
         return out
 
     def _search_batch(self, queries: list[str], k: int) -> list[list[Hit]]:

@@ -279,3 +279,16 @@ def test_every_random_body_gets_a_json_answer(server, session, path, body):
     assert r.status_code in (200, 400, 404, 413), (r.status_code, r.text[:200])
     payload = r.json()
     assert ("error" in payload) == (r.status_code != 200)
+
+
+def test_http_retriever_splits_batches_under_the_results_cap(server):
+    """300 queries at k=20 (6,000 results) cross the server's queries x topk cap: the client sends
+    them in pieces that fit, and gets every list back in order."""
+    from corpora.http_client import HttpRetriever
+
+    cap = int(server.extra_args[server.extra_args.index("--max-results") + 1]) if "--max-results" in server.extra_args else 4096
+    r = HttpRetriever(server.url, max_results=cap)
+    queries = [f"film director {i}" for i in range(300)]
+    hits = r.search(queries, k=20)
+    assert len(hits) == 300 and all(len(h) == 20 for h in hits)
+    assert hits[7] == r.search([queries[7]], k=20)[0]
