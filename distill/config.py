@@ -35,7 +35,7 @@ class EnvConfig:
     retriever: str = "bundled"
     top_k: int = 3
     max_turns: Optional[int] = None  # None: the env's own default (WebQA-v0: 4)
-    reward: str = "auto"  # em | f1 | cover_em; auto: AUTO_REWARD[method], else em
+    reward: str = "auto"  # em | f1 | cover_em; auto: the method's default_reward (ovd: f1, OVD Eq. 2; else em)
     protocol: str = "tags"
 
 
@@ -58,7 +58,7 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig:
-    kind: str = "auto"  # auto | local | self | http | vllm | none (auto: see AUTO_TEACHER)
+    kind: str = "auto"  # auto | local | self | http | vllm | none (auto: the method's default_teacher)
     name: str = "teacher"  # local/vllm: model name; http: model field sent to the server
     dtype: str = "float32"
     device: str = "auto"
@@ -111,12 +111,6 @@ class TrainConfig:
     progress: bool = True
 
 
-# teacher=auto (the default) picks per method; any other teacher=... wins.
-AUTO_TEACHER = {"grpo": "none", "opsd": "self"}
-SAME_TOKENIZER_METHODS = ("opd", "eopd", "oprd")
-# env.reward=auto (the default) picks the training reward per method: ovd's outcome reward is F1
-# for web QA (OVD Eq. 2); the held-out evaluation reports EM and F1 whatever it is.
-AUTO_REWARD = {"ovd": "f1"}
 
 
 class ConfigError(ValueError):
@@ -298,12 +292,12 @@ def _typed(raw) -> tuple[TrainConfig, Any]:
         key = next((w for w in words if w in known and w != "name"), None)
         raise ConfigError(f"method.{key}: {exc}" if key else f"method ({name}): {exc}") from None
     if cfg.env.reward == "auto":
-        cfg.env.reward = AUTO_REWARD.get(name, "em")
+        cfg.env.reward = method.default_reward  # the held-out evaluation reports EM and F1 whatever it is
     if cfg.teacher.kind == "auto":
-        cfg.teacher.kind = AUTO_TEACHER.get(name, "local")
+        cfg.teacher.kind = method.default_teacher
         if cfg.teacher.kind != "local":
             cfg.teacher.name = cfg.teacher.kind
-        elif cfg.model.name == "small" and name in SAME_TOKENIZER_METHODS:
+        elif cfg.model.name == "small" and method.token_level:
             # the embedded teacher's tokenizer (Qwen) is not SmolLM2's: a model=small run of a
             # token-level method gets the only same-tokenizer teacher there is, SmolLM2 itself
             # (signal 0 until the adapter moves the student away from it; a demo of the mechanics)

@@ -88,6 +88,9 @@ class Method:
     prepare: Callable[..., Signal]
     loss: Callable[..., tuple[torch.Tensor, dict]]
     student_layers: Callable[[Any, int, int], list[int] | None] = lambda cfg, ls, lt: None
+    default_teacher: str = "local"  # the teacher kind teacher=auto picks: local | self | none
+    token_level: bool = False  # compares teacher and student token by token: needs the same tokenizer
+    default_reward: str = "em"  # the env reward env.reward=auto picks for training
 
 
 def get_method(name: str) -> Method:

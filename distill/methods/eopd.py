@@ -54,4 +54,4 @@ def loss(mb, teacher, cfg):
     return pg + cfg.alpha * term, m
 
 
-METHOD = Method("eopd", EOPDConfig, needs=lambda cfg: frozenset({"distribution"}), prepare=prepare, loss=loss)
+METHOD = Method("eopd", EOPDConfig, needs=lambda cfg: frozenset({"distribution"}), prepare=prepare, loss=loss, token_level=True)

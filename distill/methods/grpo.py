@@ -24,4 +24,4 @@ def loss(mb, teacher, cfg: GRPOConfig):
     return pg_term(mb, cfg)
 
 
-METHOD = Method("grpo", GRPOConfig, needs=lambda cfg: frozenset(), prepare=prepare, loss=loss)
+METHOD = Method("grpo", GRPOConfig, needs=lambda cfg: frozenset(), prepare=prepare, loss=loss, default_teacher="none")

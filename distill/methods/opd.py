@@ -88,4 +88,4 @@ def loss(mb, teacher, cfg):
     return pg + cfg.kl_coef * term, {**m, **m2}
 
 
-METHOD = Method("opd", OPDConfig, needs=needs, prepare=prepare, loss=loss)
+METHOD = Method("opd", OPDConfig, needs=needs, prepare=prepare, loss=loss, token_level=True)

@@ -152,4 +152,4 @@ def _row_mask(targets: list[list[int]], selected: list[list[int]]) -> torch.Tens
     return torch.tensor(keep, dtype=torch.bool)
 
 
-METHOD = Method("oprd", OPRDConfig, needs=needs, prepare=prepare, loss=loss, student_layers=lambda cfg, ls, lt: student_layers(cfg, ls, lt))
+METHOD = Method("oprd", OPRDConfig, needs=needs, prepare=prepare, loss=loss, student_layers=lambda cfg, ls, lt: student_layers(cfg, ls, lt), token_level=True)

@@ -82,4 +82,4 @@ def loss(mb, teacher, cfg):
     return pg + cfg.kl_coef * jsd, m
 
 
-METHOD = Method("opsd", OPSDConfig, needs=needs, prepare=prepare, loss=loss)
+METHOD = Method("opsd", OPSDConfig, needs=needs, prepare=prepare, loss=loss, default_teacher="self")

@@ -206,4 +206,4 @@ def loss(mb, teacher, cfg: OVDConfig):
     return pg_term(mb, cfg)
 
 
-METHOD = Method("ovd", OVDConfig, needs=needs, prepare=prepare, loss=loss)
+METHOD = Method("ovd", OVDConfig, needs=needs, prepare=prepare, loss=loss, default_reward="f1")  # F1: OVD Eq. 2
