@@ -67,6 +67,8 @@ CONFIGS: dict[str, GraderConfig] = {
     "answer_first_digit": GraderConfig(prompt="answer_first", readout="digit"),
     "rubric_expected": GraderConfig(prompt="rubric", readout="expected"),
     "answer_first_nogold": GraderConfig(prompt="answer_first", readout="expected", show_gold=False),
+    "answer_match": GraderConfig(prompt="answer_match", readout="expected"),
+    "answer_match_digit": GraderConfig(prompt="answer_match", readout="digit"),
 }
 SCRIPTED = ("oracle", "baseline")
 KEEP = ("question_id", "dataset", "question", "gold_answers", "actions", "observations", "answer", "em", "f1")

@@ -57,8 +57,19 @@ PROMPTS: dict[str, tuple[str, str]] = {
         "The agent has not answered yet. Judge whether it is on track to find the gold answer, on a scale "
         "from 0 to 9:\n" + _ANCHORS_PREFIX + "Reply with exactly one line: Score: <digit>",
     ),
+    # the final answer against the gold only (the trajectory's last turn); a prefix is judged as in
+    # answer_first. Short prompts: the weak embedded teacher compares two strings better than it
+    # judges a long transcript, and a forward pass over them is several times cheaper
+    "answer_match": (
+        "Does the agent's final answer mean the same as the gold answer(s)? Score 9 if it does, 5 if it "
+        "is partly right, 0 if it is wrong or missing. Reply with exactly one line: Score: <digit>",
+        "The agent has not answered yet. Judge whether it is on track to find the gold answer, on a scale "
+        "from 0 to 9:\n" + _ANCHORS_PREFIX + "Reply with exactly one line: Score: <digit>",
+    ),
 }
 DEFAULT_PROMPT = "answer_first"
+# prompts whose finished-trajectory form shows only the question, gold and final answer
+ANSWER_ONLY = frozenset({"answer_match"})
 
 _SCORE = re.compile(r"score\s*[:=]?\s*\**\s*([0-9])(?![0-9])", re.IGNORECASE)
 _BARE = re.compile(r"\s*\**([0-9])\**\s*(?:/\s*9)?\s*[.!]?\s*")
@@ -102,6 +113,9 @@ def render(question: str, gold: Sequence[str] | None, actions: Sequence[str], ob
     lines = [f"Question: {question}"]
     if cfg.show_gold and gold:
         lines.append(f"Gold answer(s): {' | '.join(map(str, gold))}")
+    if not partial and cfg.prompt in ANSWER_ONLY:
+        lines += [f"Agent's final answer: {answer if answer is not None else '(none)'}", "", PROMPTS[cfg.prompt][0]]
+        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
     lines += ["", f"The agent's first {n} turn(s):" if partial else "The agent's trajectory:"]
     for k in range(n):
         lines.append(f"[turn {k + 1}, agent] {actions[k].strip()}")
