@@ -12,8 +12,10 @@ samples at another temperature recomputes what it needs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
+
+from agents.schedulers import Lockstep  # noqa: F401  (re-exported: it lived here)
 
 # Generation stops right after one of these (the end of an action), or at EOS.
 ACTION_STOPS = ("</search>", "</browse>", "</answer>", "</tool_call>")
@@ -103,10 +105,11 @@ class TurnScheduler(Protocol):
     ``submit(key, ids, max_new_tokens, context)`` asks for the next turn of episode ``key`` whose
     whole history (prompt, earlier turns, observations) is ``ids``; ``advance()`` generates and
     returns ``[(key, Completion)]`` for at least one submitted episode whose turn ended;
-    ``release(key)`` forgets an episode that finished. Two schedulers exist: :class:`Lockstep`
-    (any policy: one batched ``generate`` over every submitted episode per ``advance``) and the
-    transformers policy's continuous one (an episode whose turn ends leaves the decode batch and
-    rejoins it, observation prefilled, while the others keep decoding).
+    ``release(key)`` forgets an episode that finished. Two schedulers exist, both in
+    :mod:`agents.schedulers`: :class:`~agents.schedulers.Lockstep` (any policy: one batched
+    ``generate`` over every submitted episode per ``advance``) and the transformers policy's
+    continuous one (an episode whose turn ends leaves the decode batch and rejoins it,
+    observation prefilled, while the others keep decoding).
     """
 
     def submit(self, key: int, ids: Sequence[int], max_new_tokens: int, context: dict | None = None) -> None: ...
@@ -115,32 +118,3 @@ class TurnScheduler(Protocol):
 
     def release(self, key: int) -> None: ...
 
-
-class Lockstep:
-    """One batched ``policy.generate`` per ``advance`` for every submitted episode (the classic
-    lockstep rollout: a turn lasts until its longest row stops). Turn ``t`` samples with seed
-    ``sampling.seed + t``; ``max_new_tokens`` is the largest asked for (the rollout cuts each
-    completion to its own budget)."""
-
-    def __init__(self, policy: Policy, sampling: SamplingParams):
-        self.policy, self.sampling, self.turn = policy, sampling, 0
-        self.pending: dict[int, tuple[list[int], int, dict | None]] = {}
-
-    def submit(self, key: int, ids: Sequence[int], max_new_tokens: int, context: dict | None = None) -> None:
-        self.pending[key] = (list(ids), max_new_tokens, context)
-
-    def release(self, key: int) -> None:
-        self.pending.pop(key, None)
-
-    def advance(self) -> list[tuple[int, Completion]]:
-        if not self.pending:
-            raise RuntimeError("advance() with no submitted episode")
-        self.turn += 1
-        keys = list(self.pending)
-        rows = [self.pending.pop(k) for k in keys]
-        changes: dict[str, Any] = {"max_new_tokens": max(m for _, m, _ in rows)}
-        if self.sampling.seed is not None:
-            changes["seed"] = self.sampling.seed + self.turn
-        sp = replace(self.sampling, **changes)
-        contexts = [c if c is not None else {} for _, _, c in rows]
-        return list(zip(keys, self.policy.generate([ids for ids, _, _ in rows], sp, contexts)))

@@ -290,7 +290,7 @@ def test_spare_layer_decodes_in_place_and_matches_a_plain_cache(tiny):
 
 
 def test_prefill_groups_split_rows_of_very_different_lengths():
-    from agents.hf_policy import _FORWARD_COST, _prefill_groups, _Row
+    from agents.schedulers import _FORWARD_COST, _prefill_groups, _Row
 
     def rows(*news):
         return [_Row(list(range(n + 1))) for n in news]  # nothing cached: n ids to prefill, the last is fed later
