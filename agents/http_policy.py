@@ -46,7 +46,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from agents.policy import Completion, SamplingParams, TokenizerPolicy, first_stop
+from agents.models import load_named_tokenizer
+from agents.policy import Completion, SamplingParams, TokenizerPolicy, cut_completion, first_stop
 
 _TOKEN_ID = re.compile(r"^token_id:(-?\d+)$")
 
@@ -57,13 +58,6 @@ class EndpointError(RuntimeError):
     def __init__(self, message: str, status: int | None = None, body: str = ""):
         super().__init__(message)
         self.status, self.body = status, body
-
-
-def load_named_tokenizer(name: str):
-    """``"bytes"`` -> :func:`agents.models.byte_tokenizer`; anything else -> ``load_tokenizer``."""
-    from agents.models import byte_tokenizer, load_tokenizer
-
-    return byte_tokenizer() if name == "bytes" else load_tokenizer(name)
 
 
 def parse_model_url(spec: str) -> tuple[str, str | None]:
@@ -261,23 +255,3 @@ def _stripped_stop(text: str, stops: Sequence[str], stop_reason: Any) -> str:
     return stops[0] if len(stops) == 1 else ""
 
 
-def cut_completion(ids: Sequence[int], lps: Sequence[float], decode, stops: Sequence[str], eos_ids) -> Completion:
-    """A Completion that ends the way TransformersPolicy ends one: at the first token whose text
-    completes a stop string (kept; the text is cut right after the stop), else at the first EOS
-    (kept), else ``"length"``. A server that ran past a stop is cut back here."""
-    ids, lps = list(ids), list(lps)
-    text = decode(ids)
-    if stops and first_stop(text, stops) >= 0:
-        lo, hi = 1, len(ids)  # the shortest prefix whose text holds a stop
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if first_stop(decode(ids[:mid]), stops) >= 0:
-                hi = mid
-            else:
-                lo = mid + 1
-        text = decode(ids[:lo])
-        return Completion(ids[:lo], lps[:lo], text[: first_stop(text, stops)], "stop")
-    for k, t in enumerate(ids):
-        if t in eos_ids:
-            return Completion(ids[: k + 1], lps[: k + 1], decode(ids[: k + 1]), "eos")
-    return Completion(ids, lps, text, "length")

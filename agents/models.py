@@ -126,6 +126,13 @@ def ensure_pad_token(tokenizer: "PreTrainedTokenizerBase") -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def load_named_tokenizer(name: str):
+    """``"bytes"`` -> :func:`agents.models.byte_tokenizer`; anything else -> ``load_tokenizer``."""
+    from agents.models import byte_tokenizer, load_tokenizer
+
+    return byte_tokenizer() if name == "bytes" else load_tokenizer(name)
+
+
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> "PreTrainedTokenizerBase":
     """The tokenizer alone, without converting the model.
 

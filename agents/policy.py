@@ -118,3 +118,24 @@ class TurnScheduler(Protocol):
 
     def release(self, key: int) -> None: ...
 
+
+def cut_completion(ids: Sequence[int], lps: Sequence[float], decode, stops: Sequence[str], eos_ids) -> Completion:
+    """A Completion that ends the way TransformersPolicy ends one: at the first token whose text
+    completes a stop string (kept; the text is cut right after the stop), else at the first EOS
+    (kept), else ``"length"``. A server that ran past a stop is cut back here."""
+    ids, lps = list(ids), list(lps)
+    text = decode(ids)
+    if stops and first_stop(text, stops) >= 0:
+        lo, hi = 1, len(ids)  # the shortest prefix whose text holds a stop
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if first_stop(decode(ids[:mid]), stops) >= 0:
+                hi = mid
+            else:
+                lo = mid + 1
+        text = decode(ids[:lo])
+        return Completion(ids[:lo], lps[:lo], text[: first_stop(text, stops)], "stop")
+    for k, t in enumerate(ids):
+        if t in eos_ids:
+            return Completion(ids[: k + 1], lps[: k + 1], decode(ids[: k + 1]), "eos")
+    return Completion(ids, lps, text, "length")

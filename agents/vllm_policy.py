@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from agents.http_policy import cut_completion
+from agents.policy import cut_completion
 from agents.policy import Completion, SamplingParams, TokenizerPolicy
 
 
@@ -67,7 +67,7 @@ class VLLMPolicy(TokenizerPolicy):
                  enable_lora: bool = True, max_lora_rank: int = 64, max_model_len: int | None = None,
                  seed: int = 0, **llm_kwargs):
         vllm, self._TokensPrompt, self._LoRARequest = _import_vllm()
-        from agents.http_policy import load_named_tokenizer
+        from agents.models import load_named_tokenizer
         from agents.models import resolve_model
 
         path = str(resolve_model(model))  # embedded names become their converted folder
