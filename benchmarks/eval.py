@@ -97,42 +97,62 @@ def code_version() -> str:
         return "unknown"
 
 
-def build_policy(cfg):
-    """(policy, needs_privileged, description) for a model name."""
+def _scripted(cfg, name: str):
+    from agents.models import byte_tokenizer
     from agents.scripted import AGENTS
     from agents.scripted_policy import ScriptedPolicy
 
-    name = {"scripted": "baseline"}.get(cfg.model, cfg.model)
-    if name in AGENTS:
-        from agents.models import byte_tokenizer
+    return ScriptedPolicy(AGENTS[name], byte_tokenizer()), name == "oracle", f"scripted:{name}"
 
-        return ScriptedPolicy(AGENTS[name], byte_tokenizer()), name == "oracle", f"scripted:{name}"
-    if name.startswith(("http://", "https://")):  # an OpenAI-compatible endpoint, e.g. http://host:8001/v1#small
-        from agents.http_policy import OpenAIPolicy, parse_model_url
 
-        url, tok = parse_model_url(name)
-        pol = OpenAIPolicy(url, tokenizer=tok)
-        return pol, False, f"openai:{url}:{pol.model}"
+def _http(cfg, name: str):  # an OpenAI-compatible endpoint, e.g. http://host:8001/v1#small
+    from agents.http_policy import OpenAIPolicy, parse_model_url
+
+    url, tok = parse_model_url(name)
+    pol = OpenAIPolicy(url, tokenizer=tok)
+    return pol, False, f"openai:{url}:{pol.model}"
+
+
+def _transformers(cfg, name: str):  # an embedded name, a folder or a hub id; "tiny": the trainer's random model (tests)
     import torch
 
     from agents.hf_policy import TransformersPolicy
-    from agents.models import load_model
+    from agents.models import load_model, tiny_random_model
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.model == "tiny":  # the trainer's model=tiny (random, seeded like it): tests
-        from agents.models import tiny_random_model
-
+    if name == "tiny":
         model, tok = tiny_random_model("small", seed=cfg.seed)
     else:
-        model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    desc = f"transformers:{cfg.model}:{cfg.dtype}"
+        model, tok = load_model(name, dtype=cfg.dtype, device=cfg.device)
+    desc = f"transformers:{name}:{cfg.dtype}"
     if cfg.adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, cfg.adapter).eval()
         desc += f"+{cfg.adapter}"
     return TransformersPolicy(model, tok), False, desc
+
+
+def _is_scripted(name: str) -> bool:
+    from agents.scripted import AGENTS
+
+    return name in AGENTS
+
+
+# (matches the model name, builds (policy, needs privileged info, description)): the first row that
+# matches builds the policy. A backend is a builder and a line.
+POLICY_BACKENDS = [
+    (_is_scripted, _scripted),
+    (lambda name: name.startswith(("http://", "https://")), _http),
+    (lambda name: True, _transformers),
+]
+
+
+def build_policy(cfg):
+    """(policy, needs_privileged, description) for ``cfg.model`` (``scripted`` = ``baseline``)."""
+    name = {"scripted": "baseline"}.get(cfg.model, cfg.model)
+    return next(build for matches, build in POLICY_BACKENDS if matches(name))(cfg, name)
 
 
 def dataset_env_ids(spec: str) -> list[tuple[str, str]]:
