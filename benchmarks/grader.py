@@ -62,12 +62,12 @@ from corpora.cache import atomic_write_bytes, atomic_write_json
 from distill.verbal import PROMPTS, SYSTEM, GraderConfig, grade, render
 
 CONFIGS: dict[str, GraderConfig] = {
-    "default": GraderConfig(),
-    "rubric_digit": GraderConfig(prompt="rubric", readout="digit"),  # the default before this benchmark
+    "default": GraderConfig(),  # answer_match, expected digit, gold shown
+    "answer_first": GraderConfig(prompt="answer_first", readout="expected"),  # the default before answer_match
+    "rubric_digit": GraderConfig(prompt="rubric", readout="digit"),  # ovd's grader before this benchmark
     "answer_first_digit": GraderConfig(prompt="answer_first", readout="digit"),
     "rubric_expected": GraderConfig(prompt="rubric", readout="expected"),
     "answer_first_nogold": GraderConfig(prompt="answer_first", readout="expected", show_gold=False),
-    "answer_match": GraderConfig(prompt="answer_match", readout="expected"),
     "answer_match_digit": GraderConfig(prompt="answer_match", readout="digit"),
 }
 SCRIPTED = ("oracle", "baseline")
