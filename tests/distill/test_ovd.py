@@ -239,6 +239,7 @@ def test_train_ovd_with_an_http_teacher(tmp_path, chat_url):
     from distill.train import train
 
     cfg, mcfg = resolve(["model=tiny", "method=ovd", "teacher=http", f"teacher.url={chat_url}", "method.threshold=9.5",
+                         "method.grader.prompt=answer_first",  # the fake server grades by the turns it is shown
                          "method.train_on_teacher_tokens=true", "env.id=ToyVowel-v0", "env.eval_id=ToyVowel-eval-v0",
                          "steps=1", "questions_per_step=2", "group_size=2", "max_tokens_per_turn=12", "max_total_tokens=32",
                          "eval.questions=0", "progress=false", "threads=1", "tensorboard=false"])
