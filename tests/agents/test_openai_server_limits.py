@@ -260,6 +260,7 @@ def test_memory_returns_to_baseline_after_large_requests(server):
     assert after <= base * 1.1 + 5, f"RSS {base:.0f} MB -> {after:.0f} MB"
 
 
+@pytest.mark.slow
 def test_deadline_and_sigterm():
     with ModelServerProcess("tiny-random", ["--threads", "1", "--request-timeout", "3", "--grace", "5"]) as srv:
         t0 = time.monotonic()

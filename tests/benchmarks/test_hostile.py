@@ -2,6 +2,8 @@
 gets an expected answer, no server dies, SIGTERM exits 0, and the JSON lands atomically."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from benchmarks import hostile
@@ -20,6 +22,7 @@ def test_catalogue_covers_the_issue():
     assert all(c.expect for c in hostile.CASES)
 
 
+@pytest.mark.slow
 def test_a_subset_runs_against_both_servers(tmp_path):
     out = tmp_path / "hostile.json"
     code = hostile.main(["--only", "valid request,nesting,Content-Length: -1,POST /health,half-open,client gone",

@@ -1,11 +1,13 @@
 """The learning benchmark end to end on the tiny random model: two phases per method, held-out
 evaluations before / mid / after, a resumed call that finds everything done, the JSON of the
 stated form and the PNG."""
+import pytest
 import json
 
 from benchmarks.learning import main
 
 
+@pytest.mark.slow
 def test_learning_benchmark_runs_resumes_and_reports(tmp_path):
     out = tmp_path / "learning"
     args = ["methods=grpo", "steps=2", "questions_per_step=1", "group_size=2", "heldout=2", "model=tiny", "threads=1",

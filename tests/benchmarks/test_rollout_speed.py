@@ -16,6 +16,7 @@ def tiny():
     return tiny_random_model("bytes", seed=0)
 
 
+@pytest.mark.slow
 def test_benchmark_script_runs(tiny, tmp_path):
     from benchmarks.rollout_speed import main
 

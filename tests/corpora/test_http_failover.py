@@ -88,6 +88,7 @@ def test_vector_env_over_http_matches_in_process(index_dir):
         assert obs_http == obs_local
 
 
+@pytest.mark.slow
 def test_hung_replica_times_out_and_fails_over(index_dir):
     idx = BM25Index(index_dir)
     qs = [q["question"] for q in load_qa("hotpotqa", limit=6)]

@@ -55,6 +55,7 @@ def teacher_url():
     srv.shutdown()
 
 
+@pytest.mark.slow
 def test_faulty_http_teacher_never_invents_scores(tmp_path, teacher_url):
     cfg, mcfg = resolve(["model=tiny", "method=ovd", "teacher=http", f"teacher.url={teacher_url}", "teacher.timeout=0.3",
                          "teacher.retries=1", "method.mode=reward", "method.grader.readout=digit", "method.grader.retries=1", "env.id=ToyVowel-v0", "env.eval_id=ToyVowel-eval-v0",

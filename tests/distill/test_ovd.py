@@ -213,6 +213,7 @@ def test_history_messages_alternate_actions_and_observations():
     assert history_messages(ctx)[3]["content"] == "<search> b </search>"
 
 
+@pytest.mark.slow
 def test_chat_actor_over_openai_server_with_another_tokenizer():
     """``agents.openai_server`` serves a model with a byte-level tokenizer; the student has
     SmolLM2's. The teacher's text replies become student-tokenizer ids marked as the teacher's."""

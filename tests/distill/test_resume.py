@@ -63,6 +63,7 @@ def check_same(out: Path, ref: Path):
     assert (out / "eval_after.json").exists() and (out / "plot.png").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["2:rollout", "2:checkpoint"])
 def test_sigkill_at_a_point_then_resume(tmp_path, reference, point):
     out = tmp_path / "run"
@@ -76,6 +77,7 @@ def test_sigkill_at_a_point_then_resume(tmp_path, reference, point):
     check_same(out, reference)
 
 
+@pytest.mark.slow
 def test_external_sigkill_mid_run_then_resume(tmp_path, reference):
     out = tmp_path / "run"
     p = start(out)
