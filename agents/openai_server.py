@@ -68,7 +68,7 @@ from agents.openai_app import OpenAIApp
 from agents.openai_request import (INT64, JSON_DEPTH, MAX_STOP_CHARS, MAX_TEMPERATURE, MIN_TEMPERATURE, BadRequest,
                                    Cancelled, ServerLimits, Waiter)
 from agents.openai_worker import GenJob, ModelWorker, load_backend
-from corpora.httpserver import GuardedHandler, GuardedServer, stop_on_signals
+from corpora.httpserver import GuardedHandler, GuardedServer, add_connection_args, stop_on_signals
 from corpora.jsonguard import JSONGuardError
 from corpora.jsonguard import loads as guarded_loads
 from corpora.subprocess_server import SubprocessServer, free_port
@@ -210,13 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-logprobs", type=int, default=d.max_logprobs, help="logprobs / top_logprobs (default %(default)s)")
     ap.add_argument("--request-timeout", type=float, default=d.request_timeout,
                     help="seconds a request may run before it is cancelled with a 503 (default %(default)s)")
-    ap.add_argument("--max-connections", type=int, default=64,
-                    help="connections served at once, a thread each (default %(default)s; more get 503 and are closed)")
-    ap.add_argument("--idle-timeout", type=float, default=60.0,
-                    help="seconds a keep-alive connection may wait without sending a request (default %(default)s)")
-    ap.add_argument("--read-timeout", type=float, default=30.0,
-                    help="seconds to receive a whole request from its first byte, and to send the response "
-                         "(default %(default)s; a slower client gets 408 and is closed)")
+    add_connection_args(ap, max_connections=64)
     ap.add_argument("--grace", type=float, default=10.0, help="seconds to finish up on SIGTERM (default %(default)s)")
     ap.add_argument("--log-level", default="INFO")
     return ap

@@ -341,3 +341,14 @@ def stop_on_signals(server: GuardedServer, logger: logging.Logger, doing: str) -
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
+
+def add_connection_args(ap, max_connections: int) -> None:
+    """The connection flags both servers share: --max-connections, --idle-timeout, --read-timeout."""
+    ap.add_argument("--max-connections", type=int, default=max_connections,
+                    help="connections served at once, a thread each (default %(default)s; more get 503 and are closed)")
+    ap.add_argument("--idle-timeout", type=float, default=60.0,
+                    help="seconds a keep-alive connection may wait without sending a request (default %(default)s)")
+    ap.add_argument("--read-timeout", type=float, default=30.0,
+                    help="seconds to receive a whole request from its first byte, and to send the response "
+                         "(default %(default)s; a slower client gets 408 and is closed)")

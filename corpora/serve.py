@@ -84,7 +84,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from corpora.httpserver import BIG_BYTES, GuardedHandler, GuardedServer, stop_on_signals, trim_memory, tune_malloc, with_suppressed
+from corpora.httpserver import (BIG_BYTES, GuardedHandler, GuardedServer, add_connection_args, stop_on_signals, trim_memory,
+                               tune_malloc, with_suppressed)
 from corpora.serve_batcher import MicroBatcher
 from corpora.serve_http import RetrievalHandler, RetrievalServer, Stats, percentile
 from corpora.serve_request import JSON_DEPTH, Limits, RequestError, format_result, parse_request
@@ -143,13 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes, help="request body size (default %(default)s; more: 413)")
     ap.add_argument("--max-results", type=int, default=Limits.max_results,
                     help="queries x topk per request, which bounds the response size (default %(default)s; more: 413)")
-    ap.add_argument("--max-connections", type=int, default=128,
-                    help="connections served at once, a thread each (default %(default)s; more get 503 and are closed)")
-    ap.add_argument("--idle-timeout", type=float, default=60.0,
-                    help="seconds a keep-alive connection may wait without sending a request (default %(default)s)")
-    ap.add_argument("--read-timeout", type=float, default=30.0,
-                    help="seconds to receive a whole request from its first byte, and to send the response "
-                         "(default %(default)s; a slower client gets 408 and is closed)")
+    add_connection_args(ap, max_connections=128)
     ap.add_argument("--request-timeout", type=float, default=60.0,
                     help="seconds a request may wait for the index (default %(default)s; then 503)")
     ap.add_argument("--max-batch", type=int, default=512, help="queries per index call")

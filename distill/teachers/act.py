@@ -30,12 +30,10 @@ def history_messages(ctx: dict) -> list[dict]:
     return msgs
 
 
-class ChatActor:
-    """A teacher with ``chat(messages, sampling) -> texts`` as a Policy over the student's ids."""
+class _StudentTokens:
+    """Text <-> ids in the student's tokenizer: what the rollout asks of any policy it drives."""
 
-    def __init__(self, teacher, student):
-        self.teacher, self.student = teacher, student
-        self.failed: set[int] = set()  # episodes where a chat request failed
+    student: object
 
     def encode(self, text):
         return self.student.encode(text)
@@ -45,6 +43,14 @@ class ChatActor:
 
     def prompt_ids(self, user_text, tools=None):
         return self.student.prompt_ids(user_text, tools=tools)
+
+
+class ChatActor(_StudentTokens):
+    """A teacher with ``chat(messages, sampling) -> texts`` as a Policy over the student's ids."""
+
+    def __init__(self, teacher, student):
+        self.teacher, self.student = teacher, student
+        self.failed: set[int] = set()  # episodes where a chat request failed
 
     def generate(self, prompts, sampling: SamplingParams, contexts=None) -> list[Completion]:
         if contexts is None or any("prompt" not in c for c in contexts):
@@ -91,7 +97,7 @@ def teacher_actor(teacher, student, student_tokenizer):
     return ChatActor(teacher, student)
 
 
-class PrefixPolicy:
+class PrefixPolicy(_StudentTokens):
     """Replays each episode's first turns (``forced[episode]``, the student's completions) token
     for token, then lets ``actor`` act; ``sampling`` overrides the actor's sampling parameters
     (e.g. its temperature)."""
@@ -99,15 +105,6 @@ class PrefixPolicy:
     def __init__(self, student, actor, forced: dict[int, list[Completion]], **sampling):
         self.student, self.actor, self.forced, self.sampling = student, actor, forced, sampling
         self.turns: dict[int, int] = {}
-
-    def encode(self, text):
-        return self.student.encode(text)
-
-    def decode(self, ids):
-        return self.student.decode(ids)
-
-    def prompt_ids(self, user_text, tools=None):
-        return self.student.prompt_ids(user_text, tools=tools)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, contexts=None):
         from dataclasses import replace

@@ -104,7 +104,8 @@ def test_replace_keeps_student_turns_up_to_the_first_low_score_then_the_teacher_
 def test_all_accepted_keeps_the_student_trajectory_and_scores_every_turn():
     policy, tok, roll, trajs = student_rollout(questions=1)
     teacher = ScriptedTeacher(first=9, later=9)
-    sig = prepare(trajs, teacher, OVDConfig(threshold=5, train_on_teacher_tokens=True), Ctx(policy, roll))
+    cfg = OVDConfig(threshold=5, train_on_teacher_tokens=True, grader={"prompt": "answer_first"})  # shows every turn
+    sig = prepare(trajs, teacher, cfg, Ctx(policy, roll))
     assert sig.metrics["accept_rate"] == 1.0 and sig.metrics["teacher_tokens"] == 0
     assert all(a is b for a, b in zip(sig.trajectories, trajs))
     assert sorted(teacher.scored) == sorted(k + 1 for t in trajs for k in range(len(t.actions)))
