@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.feedback:
         from benchmarks.feedback import build_teacher
 
-        teacher = build_teacher(cfg.teacher, cfg.dtype)
+        teacher = build_teacher(cfg.teacher, cfg.dtype) if not cfg.summarise_only else object()
     summary, fingerprint, feedback, t_all = {}, {}, {}, time.perf_counter()
     for name, env_id in pairs:
         make_env = lambda: gym.make(env_id, **env_kwargs)  # noqa: E731

@@ -44,7 +44,7 @@ def run_feedback(policy, teacher, make_env, questions: list[dict], name: str, ou
     grader = GraderConfig()
     alone_path, fb_path = out / f"{name}.jsonl", out / f"{name}.feedback.jsonl"
     alone, fb = read_done(alone_path), read_done(fb_path)
-    todo = [q for q in questions if q["id"] not in fb]
+    todo = [] if cfg.summarise_only else [q for q in questions if q["id"] not in fb]
 
     def roll(pol, opts, g=1):
         return rollout(pol, make_env, opts, g, sampling, cfg.max_tokens_per_turn, cfg.max_total_tokens, with_privileged=True,

@@ -54,3 +54,6 @@ def test_feedback_reports_student_alone_and_teacher_share(tmp_path, teacher_url)
     assert eval_main(args) == 0
     assert len((out / "hotpotqa.feedback.jsonl").read_text().splitlines()) == 6
     assert len((out / "hotpotqa.jsonl").read_text().splitlines()) == 6
+    # a stopped run's table, without a teacher: summarise_only reads what the files hold
+    assert eval_main([*args[:4], "teacher=http://127.0.0.1:1/v1", "feedback=true", f"out={out}", "summarise_only=true"]) == 0
+    assert json.loads((out / "summary.json").read_text())["feedback"]["hotpotqa"]["with_feedback"]["episodes"] == 6
