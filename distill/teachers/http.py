@@ -139,7 +139,8 @@ class HttpTeacher:
         string is put back where the server strips it); None where the request failed."""
         from agents.policy import first_stop
 
-        def one(msgs):
+        def one(item):
+            i, msgs = item
             body = {"messages": list(msgs), "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
                     "top_p": sampling.top_p}
             if sampling.stop:
@@ -147,7 +148,7 @@ class HttpTeacher:
             if self.model:
                 body["model"] = self.model
             if sampling.seed is not None:
-                body["seed"] = sampling.seed
+                body["seed"] = sampling.seed + i  # one seed per chat: a group's equal histories still get different replies
             data = self._post("/chat/completions", body)
             try:
                 choice = data["choices"][0]
@@ -163,7 +164,7 @@ class HttpTeacher:
                 return text + reason
             return text
 
-        return self._map(one, list(messages))
+        return self._map(one, list(enumerate(messages)))
 
     # -- log-probs ------------------------------------------------------------------------------
     def logprobs(self, seqs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> list[list[float] | None]:
