@@ -45,7 +45,7 @@ class OVDConfig(MethodConfig):
     name: str = "ovd"
     mode: str = "replace"  # replace (the paper) | reward (S/9 mixed into the reward)
     threshold: float = 5.0  # replace: a turn prefix is accepted when S >= threshold (Eq. 5)
-    train_on_teacher_tokens: bool = False
+    train_on_teacher_tokens: bool = True
     teacher_temperature: float = 0.7  # replace: sampling temperature of the teacher's continuation
     env_weight: float = 0.5  # reward mode only: weight of the env reward against S/9
     granularity: str = "trajectory"  # reward mode: trajectory | turn

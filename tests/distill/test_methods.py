@@ -70,7 +70,7 @@ def test_two_steps_change_the_adapter_and_log_finite_metrics(tmp_path, method, e
         assert lines[0]["replaced_trajectories"] == lines[0]["trajectories"] and lines[0]["teacher_tokens"] > 0
 
 
-def test_replace_mode_trains_only_student_tokens(tmp_path):
+def test_replace_mode_masked_trains_only_student_tokens(tmp_path):
     from agents.hf_policy import TransformersPolicy
     from agents.models import tiny_random_model
     from agents.rollout import rollout
@@ -90,7 +90,7 @@ def test_replace_mode_trains_only_student_tokens(tmp_path):
     qid = make_env().unwrapped.questions[0]["id"]
     trajs = roll(policy, [{"question_id": qid}], 2)
     ctx = Context(policy, roll, None, {}, 2, 2, 3, 1, 2)
-    sig = prepare(trajs, teacher, OVDConfig(mode="replace", threshold=10), ctx)  # cut at the first turn
+    sig = prepare(trajs, teacher, OVDConfig(mode="replace", threshold=10, train_on_teacher_tokens=False), ctx)  # cut at turn 1
     for old, new, mask in zip(trajs, sig.trajectories, sig.train_masks):
         assert new.info["replaced_from_turn"] == 0
         assert len(mask) == new.num_agent_tokens and sum(mask) == 0  # all agent tokens are the teacher's

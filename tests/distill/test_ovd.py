@@ -74,7 +74,7 @@ def test_replace_keeps_student_turns_up_to_the_first_low_score_then_the_teacher_
     policy, tok, roll, trajs = student_rollout()
     assert all(len(t.actions) >= 2 for t in trajs)  # a random model does not answer: every episode has turns to cut
     teacher = ScriptedTeacher(first=7, later=2)
-    sig = prepare(trajs, teacher, OVDConfig(threshold=5), Ctx(policy, roll))
+    sig = prepare(trajs, teacher, OVDConfig(threshold=5, train_on_teacher_tokens=False), Ctx(policy, roll))
     # lazily scored: turn 1 (accepted) and turn 2 (rejected) of each trajectory, never turn 3
     assert sorted(teacher.scored) == [1] * len(trajs) + [2] * len(trajs)
     assert sig.metrics["accept_rate"] == 0.0 and sig.metrics["replaced_trajectories"] == len(trajs)
@@ -97,7 +97,7 @@ def test_replace_keeps_student_turns_up_to_the_first_low_score_then_the_teacher_
         agent = {p for s, e in spans for p in range(s, e)}
         for p, (src, lm) in enumerate(zip(new.sources, new.loss_mask)):
             assert (src == SOURCE_ENV) == (p not in agent) == (lm == 0)
-        assert mask == [1] * (b - a) + [0] * (new.num_agent_tokens - (b - a))  # teacher tokens do not train
+        assert mask == [1] * (b - a) + [0] * (new.num_agent_tokens - (b - a))  # masked: teacher tokens do not train
         assert new.reward == new.f1 and new.answer.strip() == "Paris"  # the outcome reward: F1
 
 
@@ -114,9 +114,10 @@ def test_all_accepted_keeps_the_student_trajectory_and_scores_every_turn():
     assert sig.advantages == sample_advantages([t.reward for t in trajs], [t.num_agent_tokens for t in trajs], 2)
 
 
-def test_teacher_tokens_train_when_asked():
+def test_teacher_tokens_train_by_default():
     policy, tok, roll, trajs = student_rollout(questions=1, group=1)
-    sig = prepare(trajs, ScriptedTeacher(first=1), OVDConfig(threshold=5, train_on_teacher_tokens=True), Ctx(policy, roll))
+    assert OVDConfig().train_on_teacher_tokens and resolve(["method=ovd"])[1].train_on_teacher_tokens
+    sig = prepare(trajs, ScriptedTeacher(first=1), OVDConfig(threshold=5), Ctx(policy, roll))
     new = sig.trajectories[0]
     assert new.info["replaced_from_turn"] == 0 and set(s for s in new.sources if s) == {SOURCE_TEACHER}
     assert sig.train_masks[0] == [1] * new.num_agent_tokens and sig.metrics["teacher_tokens"] == new.num_agent_tokens
