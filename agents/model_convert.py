@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from agents.model_parts import gguf_for_loading
 from agents.model_table import EmbeddedModel, model_spec
-from corpora.cache import cache_root, file_lock, publish_dir
+from common.files import cache_root, file_lock, publish_dir
 
 if TYPE_CHECKING:  # transformers is imported lazily: importing this module stays cheap
     from transformers import PreTrainedModel

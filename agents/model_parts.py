@@ -24,7 +24,7 @@ from agents.model_table import (
     install_command,
     model_spec,
 )
-from corpora.cache import cache_root
+from common.files import cache_root
 
 _CHUNK = 8 << 20
 

@@ -50,7 +50,7 @@ SIGTERM or SIGINT stops accepting, cancels what is running (those requests get 5
 Modules: this file is the HTTP handler and server, the command line and
 :class:`ModelServerProcess`; the caps and the request's wait are ``agents.openai_request``, the
 model worker ``agents.openai_worker``, request -> response ``agents.openai_app``, and the
-connection handling both servers share ``corpora.httpserver``. The names this module always
+connection handling both servers share ``common.httpserver``. The names this module always
 had are importable from it still.
 """
 from __future__ import annotations
@@ -68,10 +68,10 @@ from agents.openai_app import OpenAIApp
 from agents.openai_request import (INT64, JSON_DEPTH, MAX_STOP_CHARS, MAX_TEMPERATURE, MIN_TEMPERATURE, BadRequest,
                                    Cancelled, ServerLimits, Waiter)
 from agents.openai_worker import GenJob, ModelWorker, load_backend
-from corpora.httpserver import GuardedHandler, GuardedServer, add_connection_args, stop_on_signals
+from common.httpserver import GuardedHandler, GuardedServer, add_connection_args, stop_on_signals
 from corpora.jsonguard import JSONGuardError
 from corpora.jsonguard import loads as guarded_loads
-from corpora.subprocess_server import SubprocessServer, free_port
+from common.subprocess_server import SubprocessServer, free_port
 
 __all__ = ["INT64", "JSON_DEPTH", "MAX_STOP_CHARS", "MAX_TEMPERATURE", "MIN_TEMPERATURE", "BadRequest", "Cancelled",
            "GenJob", "Handler", "ModelServerProcess", "ModelWorker", "OpenAIApp", "OpenAIServer", "ServerLimits", "Waiter",

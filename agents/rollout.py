@@ -134,6 +134,7 @@ def rollout(
         qid = str(info.get("question_id", opts.get("question_id", j // group_size)))
         tr = trajs[j] = Trajectory(qid, str(info.get("question", "")), j % group_size, list(ids))
         tr.info["prompt_text"] = prompt
+        tr.info["max_turns"] = info.get("max_turns", getattr(base, "max_turns", None))  # the env's turn limit
         tr.info["turn_spans"] = []  # [start, end) of each turn's generated ids in completion_ids
         # actions/observations: the episode's history so far (live lists; a chat teacher renders it)
         ctx = contexts[j] = {"episode": j, "prompt": prompt, "info": info, "observation": prompt,
@@ -158,7 +159,11 @@ def rollout(
             tr.info["turn_spans"].append([len(tr.completion_ids), len(tr.completion_ids) + len(ids)])
             tr.completion_ids += ids
             tr.loss_mask += [1] * len(ids)
-            tr.sources += [SOURCE_TEACHER if c.extra.get("source") == "teacher" else SOURCE_STUDENT] * len(ids)
+            per_token = c.extra.get("sources")  # a turn written partly by the student, partly by a teacher (ovd)
+            if per_token is not None:
+                tr.sources += list(per_token[: len(ids)])
+            else:
+                tr.sources += [SOURCE_TEACHER if c.extra.get("source") == "teacher" else SOURCE_STUDENT] * len(ids)
             tr.logprobs += lps
             tr.actions.append(c.text if len(ids) == len(c.token_ids) else policy.decode(ids))
         results = step_envs([envs[j] for j, _ in ended], [trajs[j].actions[-1] for j, _ in ended])

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     rec = "-" if res["supporting_title_recall"] is None else f"{res['supporting_title_recall']:.3f}"
     print(f"| {res['agent']} | {res['env_id']} | {res['episodes']} | {res['em']:.3f} | {res['f1']:.3f} | {res['cover_em']:.3f} | {rec} | {res['avg_turns']:.2f} | {res['seconds']} |")
     if args.json:
-        from corpora.cache import atomic_write_json
+        from common.files import atomic_write_json
 
         atomic_write_json(args.json, res)
 

@@ -44,7 +44,7 @@ def gguf_path(model: str) -> Path | None:
     """The GGUF to serve for ``model``: a ``.gguf`` path as given, or an embedded model's assembled
     file (one-part models in place; split models assembled once into ``cache_root()/gguf``)."""
     from agents.models import EMBEDDED, assemble_gguf
-    from corpora.cache import cache_root
+    from common.files import cache_root
 
     if model.endswith(".gguf"):
         return Path(model)

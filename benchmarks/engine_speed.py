@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from agents.policy import SamplingParams
     from agents.rollout import rollout
     from agents.vllm_policy import VLLMPolicy, vllm_device
-    from corpora.cache import atomic_write_json
+    from common.files import atomic_write_json
 
     device = vllm_device()
     if device is None:

@@ -3,10 +3,13 @@
     python -m benchmarks.eval model=scripted datasets=hotpotqa,nq limit=100 out=results/eval_baseline
     python -m benchmarks.eval model=student datasets=hotpotqa limit=20 greedy=true
     python -m benchmarks.eval model=oracle datasets=WebQA-v0
+    python -m benchmarks.eval model=student datasets=gsm8k,math500 n=8 limit=100   # Math-v0: mean@8, pass@k
 
 ``model``: ``scripted`` (= ``baseline``), ``oracle``, ``student``, ``teacher``, ``small`` (the
 embedded models), a local path or hub id (transformers). ``datasets``: a comma list of QA names
-(``nq,triviaqa,popqa,hotpotqa,2wikimultihopqa,musique,bamboogle``) or env ids. Every override
+(``nq,triviaqa,popqa,hotpotqa,2wikimultihopqa,musique,bamboogle``; ``gsm8k,math500`` for Math-v0)
+or env ids. ``n`` samples per question (sampled at ``temperature``) give mean@n accuracy and the
+unbiased pass@k for k = 1, 2, 4, ... <= n. Every override
 is ``key=value``; an unknown key is an error that names it.
 
 Writes ``OUT/<dataset>.jsonl`` (one line per finished episode; a rerun skips the ids already
@@ -39,7 +42,8 @@ class EvalConfig:
     limit: int | None = 100
     out: str = "results/eval"
     summarise_only: bool = False  # no new episodes: the table of what the results files hold (a stopped run)
-    greedy: bool = True
+    greedy: Optional[bool] = None  # None: greedy when n == 1, sampled at `temperature` when n > 1
+    n: int = 1  # samples per question (n > 1: mean@n accuracy and unbiased pass@k, e.g. datasets=gsm8k,math500 n=8)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 3  # retrieved passages per search
@@ -169,8 +173,15 @@ def dataset_env_ids(spec: str) -> list[tuple[str, str]]:
     return out
 
 
+def record_key(rec: dict) -> str:
+    """A results line's key: the question id, plus ``#s`` for sample s > 0 (``n`` > 1)."""
+    s = rec.get("sample") or 0
+    return rec["question_id"] if not s else f"{rec['question_id']}#{s}"
+
+
 def read_done(path: Path) -> dict[str, dict]:
-    """Finished episodes in a results file; a torn last line (killed mid-write) is cut off."""
+    """Finished episodes in a results file by ``record_key`` (a later line for the same key wins);
+    a torn last line (killed mid-write) is cut off."""
     done: dict[str, dict] = {}
     if not path.exists():
         return done
@@ -183,7 +194,7 @@ def read_done(path: Path) -> dict[str, dict]:
                 break
             if not raw.endswith(b"\n"):
                 break
-            done[rec["question_id"]] = rec
+            done[record_key(rec)] = rec
             good_bytes += len(raw)
     if good_bytes != path.stat().st_size:
         with open(path, "r+b") as fh:
@@ -191,13 +202,126 @@ def read_done(path: Path) -> dict[str, dict]:
     return done
 
 
+def env_kwargs_for(env_id: str, cfg) -> dict:
+    """The CLI's env keys that the env takes: retrieval keys for WebQA envs; none for Math-v0."""
+    import envs
+
+    if envs.REGISTRY.get(env_id, ("",))[0] == envs.MATH:
+        return {}
+    kw = {"top_k": cfg.top_k, "retriever": cfg.retriever}
+    if cfg.max_turns is not None:
+        kw["max_turns"] = cfg.max_turns
+    return kw
+
+
+def math_table(summary: dict[str, dict]) -> str:
+    """Accuracy (mean@n), unbiased pass@k, extraction failures and tokens per answer."""
+    ks = sorted({k for s in summary.values() for k in s if k.startswith("pass@")}, key=lambda k: int(k[5:]))
+    head = "| dataset | questions | samples/question | accuracy (mean@n) | " + " | ".join(ks) + " | extraction failures | grader fallbacks | tokens/answer |"
+    sep = "|" + "---|" * (7 + len(ks))
+    rows = [f"| {d} | {s.get('questions', s['episodes'])} | {s.get('samples_per_question', 1)} | {s['em']:.3f} | "
+            + "".join(f"{s[k]:.3f} | " if k in s else "- | " for k in ks)
+            + f"{s['extraction_failures']:.3f} | {s.get('grader_fallback', 0)} | {s['avg_agent_tokens']:.0f} |"
+            for d, s in summary.items() if s.get("episodes")]
+    return "\n".join([head.replace("|  |", "|"), sep, *rows])
+
+
 def markdown_table(summary: dict[str, dict]) -> str:
+    """The web-QA table, and the math table for datasets graded by math-verify (``grader_*`` keys)."""
+    maths = {d: s for d, s in summary.items() if "grader_fallback" in s}
+    summary = {d: s for d, s in summary.items() if d not in maths}
+    if not summary:
+        return math_table(maths)
     head = "| dataset | episodes | EM | F1 | cover-EM | avg turns | avg searches | invalid-action rate | answered |\n|---|---|---|---|---|---|---|---|---|"
     rows = [
         f"| {d} | {s['episodes']} | {s['em']:.3f} | {s['f1']:.3f} | {s['cover_em']:.3f} | {s['avg_turns']:.2f} | {s['avg_searches']:.2f} | {s['invalid_action_rate']:.3f} | {s['answered']:.3f} |"
         for d, s in summary.items() if s.get("episodes")
     ]
-    return "\n".join([head, *rows])
+    return "\n".join([head, *rows]) + (f"\n\n{math_table(maths)}" if maths else "")
+
+
+def sampling_for(cfg):
+    """Greedy for n = 1 unless asked otherwise; sampled at ``temperature`` for n > 1."""
+    from agents.policy import SamplingParams
+
+    if cfg.n < 1:
+        raise SystemExit(f"error: n must be >= 1, got {cfg.n}")
+    greedy = cfg.n == 1 if cfg.greedy is None else cfg.greedy
+    if greedy and cfg.n > 1:
+        raise SystemExit("error: n > 1 samples of a greedy policy are all the same; drop greedy=true (or set greedy=false)")
+    if cfg.feedback and cfg.n > 1:
+        raise SystemExit("error: feedback=true evaluates one episode per question (n=1)")
+    return SamplingParams(temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+
+
+def fingerprint_of(probe, env_id: str, cfg) -> dict:
+    """What the numbers depend on besides the model: env, QA set, samples, prompt, corpus and index."""
+    fp = {"env_id": env_id, "qa_set": probe.dataset, "samples_per_question": cfg.n,
+          "prompt_sha256": hashlib.sha256(probe.prompt_template.encode()).hexdigest()[:16]}
+    if hasattr(probe, "retriever_spec"):  # a retrieval env: which corpus and index
+        retr = probe.retriever
+        meta = getattr(retr, "meta", {})
+        fp |= {"corpus": meta.get("source", probe.retriever_spec), "corpus_passages": meta.get("num_passages"),
+               "index": str(getattr(retr, "folder", probe.retriever_spec)), "tokenizer": meta.get("tokenizer")}
+    return fp
+
+
+def run_dataset(name: str, make_env, questions: list[dict], out: Path, policy, privileged: bool, sampling, cfg, bar,
+                teacher=None, feedback: dict | None = None) -> list[dict]:
+    """Every question's ``n`` episodes, resuming from ``OUT/<name>.jsonl``: a question whose n
+    records are all there is skipped; one with only some of them (a kill) is rolled out again,
+    all n. Each episode is appended (and fsynced) as it finishes. Returns the records in
+    question, then sample, order."""
+    path = out / f"{name}.jsonl"
+    done = read_done(path)
+    keys = lambda q: [record_key({"question_id": q["id"], "sample": s}) for s in range(cfg.n)]  # noqa: E731
+    complete = [q for q in questions if all(k in done for k in keys(q))]
+    todo = [] if cfg.summarise_only else [q for q in questions if q not in complete]
+    recs = [done[k] for q in complete for k in keys(q)]
+    bar.update(len(recs))
+    if teacher is not None:
+        from benchmarks.feedback import run_feedback
+
+        bar.reset(total=len(questions))
+        feedback[name] = run_feedback(policy, teacher, make_env, questions, name, out, sampling, cfg, bar)
+        todo, recs = [], [r for r in read_done(path).values() if r["question_id"] in {q["id"] for q in questions}]
+    with open(path, "a", encoding="utf-8") as fh:
+
+        def write(tr) -> None:  # each episode as it finishes: a kill loses only those under way
+            rec = episode_record(tr, name)
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+            recs.append(rec)
+            bar.update(1)
+            bar.set_postfix(EM=f"{summarise(recs)['em']:.3f}")
+
+        if todo:
+            evaluate(policy, make_env, [q["id"] for q in todo], name, sampling=sampling,
+                     max_tokens_per_turn=cfg.max_tokens_per_turn, max_total_tokens=cfg.max_total_tokens,
+                     with_privileged=privileged, batch_size=cfg.batch_size, schedule=cfg.schedule, on_episode=write,
+                     samples=cfg.n)
+    order = {q["id"]: i for i, q in enumerate(questions)}
+    return sorted(recs, key=lambda r: (order[r["question_id"]], r.get("sample") or 0))
+
+
+def write_report(out: Path, cfg, model_desc: str, summary: dict, fingerprint: dict, feedback: dict, seconds: float,
+                 max_turns) -> None:
+    from common.files import atomic_write_json, atomic_write_text
+
+    report = {"model": model_desc, "config": OmegaConf.to_container(cfg), "code_version": code_version(),
+              "summary": summary, "fingerprint": fingerprint, "seconds": round(seconds, 2)}
+    if feedback:
+        report["feedback"] = feedback
+    atomic_write_json(out / "summary.json", report)
+    table = markdown_table(summary)
+    if feedback:
+        from benchmarks.feedback import table as feedback_table
+
+        table += "\n\nWith teacher feedback at inference (the teacher's turns are not the student's):\n\n" + feedback_table(feedback)
+    atomic_write_text(out / "summary.md", f"# {model_desc}\n\n{table}\n\ncode {report['code_version']}, top-k {cfg.top_k}, max turns {max_turns}\n")
+    print("\n" + table)
+    print(f"\nwrote {out}/summary.json, {out}/summary.md")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,19 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     import envs  # noqa: F401
-    from agents.policy import SamplingParams
-    from corpora.cache import atomic_write_json, atomic_write_text
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     pairs = dataset_env_ids(cfg.datasets)
+    sampling = sampling_for(cfg)
     policy, privileged, model_desc = build_policy(cfg)
     if model_desc.startswith("scripted:"):  # byte-level ids: token budgets do not apply to scripts
         cfg.max_total_tokens = cfg.max_tokens_per_turn = 10**9
-    sampling = SamplingParams(temperature=0.0 if cfg.greedy else cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
-    env_kwargs = dict(top_k=cfg.top_k, retriever=cfg.retriever, **OmegaConf.to_container(cfg.env_kwargs))
-    if cfg.max_turns is not None:
-        env_kwargs["max_turns"] = cfg.max_turns
     teacher = None
     if cfg.feedback:
         from benchmarks.feedback import build_teacher
@@ -230,70 +349,16 @@ def main(argv: list[str] | None = None) -> int:
         teacher = build_teacher(cfg.teacher, cfg.dtype) if not cfg.summarise_only else object()
     summary, fingerprint, feedback, t_all = {}, {}, {}, time.perf_counter()
     for name, env_id in pairs:
+        env_kwargs = env_kwargs_for(env_id, cfg) | OmegaConf.to_container(cfg.env_kwargs)
         make_env = lambda: gym.make(env_id, **env_kwargs)  # noqa: E731
         probe = make_env().unwrapped
         questions = probe.questions[: cfg.limit] if cfg.limit else probe.questions
-        path = out / f"{name}.jsonl"
-        done = read_done(path)
-        todo = [] if cfg.summarise_only else [q for q in questions if q["id"] not in done]
-        recs = [done[q["id"]] for q in questions if q["id"] in done]
-        bar = tqdm(total=len(questions), initial=len(recs), desc=f"{name} [{model_desc}]", unit="q")
         t0 = time.perf_counter()
-        if teacher is not None:
-            from benchmarks.feedback import run_feedback
-
-            bar.reset(total=len(questions))
-            feedback[name] = run_feedback(policy, teacher, make_env, questions, name, out, sampling, cfg, bar)
-            todo, recs = [], [r for r in read_done(path).values() if r["question_id"] in {q["id"] for q in questions}]
-        with open(path, "a", encoding="utf-8") as fh:
-
-            def write(tr) -> None:  # each episode as it finishes: a kill loses only those under way
-                rec = episode_record(tr, name)
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-                recs.append(rec)
-                bar.update(1)
-                bar.set_postfix(EM=f"{summarise(recs)['em']:.3f}")
-
-            if todo:
-                evaluate(policy, make_env, [q["id"] for q in todo], name, sampling=sampling,
-                         max_tokens_per_turn=cfg.max_tokens_per_turn, max_total_tokens=cfg.max_total_tokens,
-                         with_privileged=privileged, batch_size=cfg.batch_size, schedule=cfg.schedule, on_episode=write)
-        order = {q["id"]: i for i, q in enumerate(questions)}
-        recs.sort(key=lambda r: order[r["question_id"]])
-        bar.close()
+        with tqdm(total=len(questions) * cfg.n, desc=f"{name} [{model_desc}]", unit="ep") as bar:
+            recs = run_dataset(name, make_env, questions, out, policy, privileged, sampling, cfg, bar, teacher, feedback)
         summary[name] = summarise(recs) | {"seconds_this_run": round(time.perf_counter() - t0, 2)}
-        retr = probe.retriever
-        meta = getattr(retr, "meta", {})
-        fingerprint[name] = {
-            "env_id": env_id,
-            "qa_set": probe.dataset,
-            "corpus": meta.get("source", probe.retriever_spec),
-            "corpus_passages": meta.get("num_passages"),
-            "index": str(getattr(retr, "folder", probe.retriever_spec)),
-            "tokenizer": meta.get("tokenizer"),
-            "prompt_sha256": hashlib.sha256(probe.prompt_template.encode()).hexdigest()[:16],
-        }
-    report = {
-        "model": model_desc,
-        "config": OmegaConf.to_container(cfg),
-        "code_version": code_version(),
-        "summary": summary,
-        "fingerprint": fingerprint,
-        "seconds": round(time.perf_counter() - t_all, 2),
-    }
-    if feedback:
-        report["feedback"] = feedback
-    atomic_write_json(out / "summary.json", report)
-    table = markdown_table(summary)
-    if feedback:
-        from benchmarks.feedback import table as feedback_table
-
-        table += "\n\nWith teacher feedback at inference (the teacher's turns are not the student's):\n\n" + feedback_table(feedback)
-    atomic_write_text(out / "summary.md", f"# {model_desc}\n\n{table}\n\ncode {report['code_version']}, top-k {cfg.top_k}, max turns {probe.max_turns}\n")
-    print("\n" + table)
-    print(f"\nwrote {out}/summary.json, {out}/summary.md")
+        fingerprint[name] = fingerprint_of(probe, env_id, cfg)
+    write_report(out, cfg, model_desc, summary, fingerprint, feedback, time.perf_counter() - t_all, probe.max_turns)
     return 0
 
 

@@ -23,13 +23,12 @@ from pathlib import Path
 def build_teacher(spec: str, dtype: str = "float32"):
     """A teacher for ``teacher=``: an embedded/local model name, or an OpenAI-compatible URL
     (``http://host:port/v1`` or ``...#model``)."""
-    from distill.config import TeacherConfig
-    from distill.teachers import make_teacher
+    from distill.teachers import HttpTeacherConfig, LocalTeacherConfig, make_teacher
 
     if spec.startswith(("http://", "https://")):
         url, _, model = spec.partition("#")
-        return make_teacher(TeacherConfig(kind="http", url=url, name=model))
-    return make_teacher(TeacherConfig(kind="local", name=spec, dtype=dtype))
+        return make_teacher(HttpTeacherConfig(url=url, name=model))
+    return make_teacher(LocalTeacherConfig(name=spec, dtype=dtype))
 
 
 def run_feedback(policy, teacher, make_env, questions: list[dict], name: str, out: Path, sampling, cfg, bar=None) -> dict:

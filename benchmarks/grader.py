@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.eval import code_version, parse_config
-from corpora.cache import atomic_write_bytes, atomic_write_json
+from common.files import atomic_write_bytes, atomic_write_json
 from distill.verbal import PROMPTS, SYSTEM, GraderConfig, grade, render
 
 CONFIGS: dict[str, GraderConfig] = {
@@ -223,13 +223,12 @@ def cache_path(out: Path, teacher: str, gc: GraderConfig) -> Path:
 
 
 def make_named_teacher(spec: str, cfg: MeasureConfig):
-    from distill.config import TeacherConfig
-    from distill.teachers import make_teacher
+    from distill.teachers import HttpTeacherConfig, LocalTeacherConfig, make_teacher
 
     if spec.startswith(("http://", "https://")):
         url, _, model = spec.partition("#")
-        return make_teacher(TeacherConfig(kind="http", url=url, name=model))
-    return make_teacher(TeacherConfig(kind="local", name=spec, dtype=cfg.dtype, batch_size=cfg.batch_size))
+        return make_teacher(HttpTeacherConfig(url=url, name=model))
+    return make_teacher(LocalTeacherConfig(name=spec, dtype=cfg.dtype, batch_size=cfg.batch_size))
 
 
 def score_all(records: list[dict], keys: list[str], teacher_spec: str, gc: GraderConfig, cfg: MeasureConfig, teachers: dict):

@@ -110,7 +110,7 @@ def curve(run_dir: Path) -> list[dict]:
 
 
 def report(cfg: LearningConfig, out: Path, names: list[str]) -> dict:
-    from corpora.cache import atomic_write_json, atomic_write_text
+    from common.files import atomic_write_json, atomic_write_text
 
     before = _summary(out / "heldout" / "before", cfg.heldout)
     res = {"methods": {}, "settings": {k: getattr(cfg, k) for k in LearningConfig.__dataclass_fields__}}

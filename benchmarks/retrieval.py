@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from corpora.cache import atomic_write_json, cache_root
+from common.files import atomic_write_json, cache_root
 
 GEN_VERSION = "v3"
 

@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.timer.close()
     report = summarize(bench, r_a, r_b, r_c, T, interleaved)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    from corpora.cache import atomic_write_text
+    from common.files import atomic_write_text
 
     atomic_write_text(out_path, json.dumps(report, indent=1) + "\n")
     print_report(cfg.model, cfg.repeats, report, bench.schedules)

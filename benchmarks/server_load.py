@@ -26,7 +26,7 @@ from pathlib import Path
 
 import requests
 
-from corpora.cache import atomic_write_json
+from common.files import atomic_write_json
 from corpora.qa import load_qa
 
 

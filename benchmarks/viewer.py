@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from corpora.cache import atomic_write_text
+from common.files import atomic_write_text
 
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 details{border:1px solid #ccc;border-radius:6px;margin:.5em 0;padding:.4em .8em}

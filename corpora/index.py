@@ -40,7 +40,7 @@ from typing import Iterable, NamedTuple, Protocol, Sequence
 import numpy as np
 
 from corpora import kernels
-from corpora.cache import atomic_write_json, publish_dir
+from common.files import atomic_write_json, publish_dir
 from corpora.corpus import Passage, iter_pages, iter_passages
 from corpora.docstore import DocStore, DocStoreWriter
 from corpora.streambuild import BLOCK_POSTINGS, CHUNK_TOKENS, POSTINGS, stream_build

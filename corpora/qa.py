@@ -23,6 +23,7 @@ musique (:dev)          musique_dev                            2,417    no
 musique:train           musique_train_sample                     100     yes
 bamboogle (:test)       bamboogle_test                           125    no
 gsm8k (:test)           gsm8k_test                             1,319    (math)
+gsm8k:train             gsm8k_train                            7,473    (math)
 math500 (:test)         math500_test                             500    (math)
 ======================  =====================================  =======  ============
 
@@ -44,7 +45,7 @@ QA_FILES: dict[str, dict[str, str]] = {
     "2wikimultihopqa": {"dev": "2wikimultihopqa_dev"},
     "musique": {"dev": "musique_dev", "train": "musique_train_sample"},
     "bamboogle": {"test": "bamboogle_test"},
-    "gsm8k": {"test": "gsm8k_test"},
+    "gsm8k": {"test": "gsm8k_test", "train": "gsm8k_train"},
     "math500": {"test": "math500_test"},
 }
 DEFAULT_SPLIT = {name: next(iter(splits)) for name, splits in QA_FILES.items()}

@@ -3,7 +3,7 @@
 A spec is a string, so envs stay picklable and configs stay plain:
 
 * ``"bundled"``: the packaged 22,980-passage Wikipedia corpus, indexed on first use into the
-  user cache (``corpora.cache``) with a progress bar, then reused (loads in well under 1 s);
+  user cache (``common.files``) with a progress bar, then reused (loads in well under 1 s);
 * a folder made by ``python -m corpora.build``;
 * a corpus file (JSONL / Search-R1 JSONL / DPR TSV): indexed into the cache on first use;
 * ``http://host:port`` (or several, comma-separated): a Search-R1-compatible retrieval server.
@@ -14,7 +14,7 @@ import hashlib
 import threading
 from pathlib import Path
 
-from corpora.cache import cache_root, file_lock
+from common.files import cache_root, file_lock
 from corpora.corpus import BUNDLED_PAGES, BUNDLED_PASSAGES, data_path
 from corpora.index import INDEX_FORMAT, BM25Index, BM25Params, Retriever, build_index
 from corpora.tokenize import TOKENIZER_VERSION

@@ -38,8 +38,8 @@ Every request is bounded, so one client cannot take the server's memory or threa
   client sending a byte every few seconds is cut off (408), and for writing the response;
   ``--request-timeout`` (60 s) bounds the wait for the index (503).
 * Memory comes back after large requests: a handler that read or wrote 1 MB or more calls
-  ``malloc_trim`` (:func:`corpora.httpserver.trim_memory`), and ``main`` pins glibc's mmap threshold
-  (:func:`corpora.httpserver.tune_malloc`). ``python -m benchmarks.hostile`` measures RSS around each hostile case.
+  ``malloc_trim`` (:func:`common.httpserver.trim_memory`), and ``main`` pins glibc's mmap threshold
+  (:func:`common.httpserver.tune_malloc`). ``python -m benchmarks.hostile`` measures RSS around each hostile case.
 
 ## Why the standard library
 ``http.server.ThreadingHTTPServer`` (a thread per connection, HTTP/1.1 keep-alive) needs no
@@ -70,7 +70,7 @@ flight finish (up to ``--grace`` s), drains the batcher and exits 0.
 This file is the command line and :class:`ServerProcess` (the server in a subprocess, for tests
 and benchmarks); the request protocol is ``corpora.serve_request``, the batcher
 ``corpora.serve_batcher``, the HTTP server and handler ``corpora.serve_http``, and what both
-servers share (connection bounds, deadlines, JSON errors) ``corpora.httpserver``. The names
+servers share (connection bounds, deadlines, JSON errors) ``common.httpserver``. The names
 this module always had are importable from it still.
 """
 from __future__ import annotations
@@ -84,12 +84,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from corpora.httpserver import (BIG_BYTES, GuardedHandler, GuardedServer, add_connection_args, stop_on_signals, trim_memory,
+from common.httpserver import (BIG_BYTES, GuardedHandler, GuardedServer, add_connection_args, stop_on_signals, trim_memory,
                                tune_malloc, with_suppressed)
 from corpora.serve_batcher import MicroBatcher
 from corpora.serve_http import RetrievalHandler, RetrievalServer, Stats, percentile
 from corpora.serve_request import JSON_DEPTH, Limits, RequestError, format_result, parse_request
-from corpora.subprocess_server import SubprocessServer, free_port
+from common.subprocess_server import SubprocessServer, free_port
 
 __all__ = ["BIG_BYTES", "JSON_DEPTH", "GuardedHandler", "GuardedServer", "Limits", "MicroBatcher", "RequestError",
            "RetrievalHandler", "RetrievalServer", "ServerProcess", "Stats", "SubprocessServer", "format_result",

@@ -1,4 +1,4 @@
-"""The retrieval server over HTTP: :class:`RetrievalServer` (a :class:`corpora.httpserver.GuardedServer`
+"""The retrieval server over HTTP: :class:`RetrievalServer` (a :class:`common.httpserver.GuardedServer`
 holding the retriever, its micro-batcher and request statistics) and :class:`RetrievalHandler`
 (``POST /retrieve``, ``GET``/``POST /page``, ``GET /health``). The API is in ``corpora.serve``'s
 docstring; ``python -m corpora.serve`` runs it."""
@@ -12,7 +12,7 @@ from collections import Counter, deque
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict
 
-from corpora.httpserver import GuardedHandler, GuardedServer
+from common.httpserver import GuardedHandler, GuardedServer
 from corpora.jsonguard import JSONGuardError
 from corpora.jsonguard import loads as guarded_loads
 from corpora.serve_batcher import MicroBatcher

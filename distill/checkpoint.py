@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from corpora.cache import atomic_write_text
+from common.files import atomic_write_text
 
 STATE = "trainer_state.pt"
 WEIGHTS = "trainable.safetensors"

@@ -5,7 +5,9 @@ groups under ``distill/conf/``); ``key=value`` overrides any knob (``steps=4``,
 ``method.env_weight=0.3``, ``model.lora_r=8``), ``group=option`` picks a preset
 (``method=opd``, ``model=small``, ``teacher=http``). Composition uses Hydra's compose API, so
 the override grammar is Hydra's; the composed config is then checked against the dataclasses
-below and the chosen method's config dataclass, so a misspelt key fails with its name, and
+below, the chosen method's config dataclass and the chosen teacher backend's (``teacher`` is
+``kind`` plus that backend's keys, e.g. ``url`` and ``timeout`` for http, ``batch_size`` for
+local), so a misspelt key, or one the backend does not have, fails with its name, and
 every value against ``RULES`` (one table: key, what is allowed, the check), so a bad value is one
 line ``<key>: <what is allowed>, got <value>`` before anything starts.
 Only the entry point reads this; components take plain arguments.
@@ -14,13 +16,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from distill.teachers import BACKENDS as TEACHER_BACKENDS
 from envs.actions import PROTOCOLS
 from envs.grading import REWARD_METRICS
 
@@ -29,7 +32,7 @@ CONF_DIR = Path(__file__).parent / "conf"
 
 @dataclass
 class EnvConfig:
-    name: str = "webqa"  # webqa (math is reserved for Math-v0, a later issue)
+    name: str = "webqa"  # webqa | math (distill/train.py ENV_KWARGS: which config keys each env takes)
     id: str = "WebQA-HotpotQA-train-v0"  # training questions (HotpotQA train sample)
     eval_id: str = "WebQA-v0"  # held-out questions (HotpotQA dev subset, never trained on)
     retriever: str = "bundled"
@@ -37,6 +40,7 @@ class EnvConfig:
     max_turns: Optional[int] = None  # None: the env's own default (WebQA-v0: 4)
     reward: str = "auto"  # em | f1 | cover_em; auto: the method's default_reward (ovd: f1, OVD Eq. 2; else em)
     protocol: str = "tags"
+    max_tokens_per_turn: Optional[int] = None  # the env's token budget per turn; None: the top-level max_tokens_per_turn
 
 
 @dataclass
@@ -57,22 +61,6 @@ class ModelConfig:
 
 
 @dataclass
-class TeacherConfig:
-    kind: str = "auto"  # auto | local | self | http | vllm | none (auto: the method's default_teacher)
-    name: str = "teacher"  # local/vllm: model name; http: model field sent to the server
-    dtype: str = "float32"
-    device: str = "auto"
-    url: str = ""  # http
-    tokenizer: str = ""  # http: tokenizer of the served model (for token-level methods)
-    timeout: float = 60.0
-    retries: int = 2
-    concurrency: int = 8
-    logprobs: bool = False  # http: the server returns prompt log-probs with echo
-    api_key: str = ""
-    batch_size: int = 4  # local: sequences per teacher forward
-
-
-@dataclass
 class EvalConfig:
     questions: int = 4  # held-out questions evaluated greedily before and after training
     before: bool = True
@@ -84,13 +72,17 @@ class TrainConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     method: dict = field(default_factory=lambda: {"name": "ovd"})
     model: ModelConfig = field(default_factory=ModelConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # a plain dict here (``kind`` plus that backend's keys); ``resolve`` turns it into the backend's own
+    # config dataclass (``distill.teachers.BACKENDS``), so ``cfg.teacher`` is e.g. a HttpTeacherConfig
+    teacher: dict = field(default_factory=lambda: {"kind": "auto"})
     eval: EvalConfig = field(default_factory=EvalConfig)
-    steps: int = 3
+    steps: int = 2
     questions_per_step: int = 2
-    group_size: int = 2
-    max_tokens_per_turn: int = 96
-    max_total_tokens: int = 768
+    group_size: int = 4
+    # the evaluation's budgets (agents/evaluation.py): a 4-turn episode with three 3-passage
+    # searches needs about 2,600 tokens, and a budget under that truncates before the answer
+    max_tokens_per_turn: int = 500
+    max_total_tokens: int = 4096
     temperature: float = 1.0
     top_p: float = 1.0
     lr: float = 1e-4
@@ -118,8 +110,8 @@ class ConfigError(ValueError):
 
 
 # -- validation: one table, one line per key ------------------------------------------------------------
-ENV_NAMES = ("webqa",)  # env=<name> presets that exist; conf/env/math.yaml is reserved for Math-v0
-TEACHER_KINDS = ("auto", "local", "self", "http", "vllm", "none")  # distill.teachers.make_teacher
+ENV_NAMES = ("webqa", "math")  # env=<name> presets (distill/conf/env/), kwargs in distill/train.py ENV_KWARGS
+TEACHER_KINDS = ("auto", *TEACHER_BACKENDS)  # auto: the method's default_teacher; else a row of distill.teachers.BACKENDS
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "auto")  # agents.models
 
 
@@ -166,12 +158,13 @@ RULES: tuple[Rule, ...] = (
     Rule("temperature", "a finite number >= 0 (0: greedy)", lambda v: math.isfinite(v) and v >= 0),
     Rule("top_p", "a number in (0, 1]", lambda v: 0 < v <= 1),
     Rule("eval.questions", *_at_least(0)),
-    Rule("env.name", f"one of {', '.join(ENV_NAMES)} (env=math is Math-v0, which is not built yet)", lambda v: v in ENV_NAMES),
+    Rule("env.name", *_one_of(*ENV_NAMES)),
     Rule("env.id", "a Gymnasium env id", lambda v: bool(v.strip())),
     Rule("env.eval_id", "a Gymnasium env id", lambda v: bool(v.strip())),
     Rule("env.retriever", "bundled, an index dir, a corpus file or http://host:port", lambda v: bool(v.strip())),
     Rule("env.top_k", *_at_least(1)),
     Rule("env.max_turns", "an integer >= 1, or null for the env's default", lambda v: v is None or v >= 1),
+    Rule("env.max_tokens_per_turn", "an integer >= 1, or null for the top-level max_tokens_per_turn", lambda v: v is None or v >= 1),
     Rule("env.reward", *_one_of("auto", *REWARD_METRICS)),
     Rule("env.protocol", *_one_of(*PROTOCOLS)),
     Rule("model.dtype", *_one_of(*DTYPES)),
@@ -180,7 +173,6 @@ RULES: tuple[Rule, ...] = (
     Rule("model.lora_dropout", "a number in [0, 1)", lambda v: 0 <= v < 1),
     Rule("model.tiny_hidden", *_at_least(1)),
     Rule("model.tiny_layers", *_at_least(1)),
-    Rule("teacher.kind", *_one_of(*TEACHER_KINDS)),
     Rule("teacher.url", "the http:// or https:// base URL of an OpenAI-compatible server (teacher=http requires it)",
          lambda v: bool(re.fullmatch(r"https?://[^\s/]+(/\S*)?", v)), when=lambda c: c.teacher.kind == "http"),
     Rule("teacher.dtype", *_one_of(*DTYPES)),
@@ -235,7 +227,7 @@ def compose(overrides: list[str]):
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name="distill"):
-            return hydra_compose(config_name="config", overrides=list(overrides))
+            return hydra_compose(config_name="config", overrides=_teacher_keys_forced(overrides))
     except MissingConfigException as exc:  # group=option with no such option
         group, _, name = (exc.missing_cfg_file or "?/?").rpartition("/")
         raise ConfigError(f"{group}: one of {', '.join(exc.options or [])}, got {name!r}") from None
@@ -249,6 +241,14 @@ def compose(overrides: list[str]):
         raise ConfigError(" ".join(msg.split())) from None
 
 
+def _teacher_keys_forced(overrides: list[str]) -> list[str]:
+    """``teacher.<key>=v`` as Hydra's add-or-override ``++teacher.<key>=v``. A teacher preset holds
+    only its backend's keys (``teacher=auto`` holds just ``kind``), so Hydra's struct mode would
+    refuse e.g. ``teacher.name=`` under ``teacher=auto`` with a message that cannot name the
+    backend; ``_teacher`` checks every key against the chosen backend's dataclass instead."""
+    return [f"++{o}" if re.match(r"teacher\.\w+=", o) else o for o in overrides]
+
+
 def resolve(overrides: list[str]) -> tuple[TrainConfig, Any]:
     """(typed TrainConfig, typed method config) from overrides; errors name the bad key."""
     return _typed(compose(overrides))
@@ -259,6 +259,12 @@ def resolve_saved(saved, overrides: list[str]) -> tuple[TrainConfig, Any]:
     bad = [o for o in overrides if "=" not in o or "/" in o.split("=")[0]]
     if bad:
         raise ConfigError(f"resume: a run directory takes key=value overrides only, got {' '.join(bad)}")
+    teacher = saved.get("teacher") if OmegaConf.is_dict(saved) else None
+    if OmegaConf.is_dict(teacher) and teacher.get("kind") in TEACHER_BACKENDS:
+        # a run saved before each backend had its own keys holds all twelve: keep its backend's
+        known = {f.name for f in fields(TEACHER_BACKENDS[teacher.kind].config)}
+        saved = OmegaConf.merge(saved, {})  # a copy
+        saved.teacher = {k: v for k, v in teacher.items() if k in known}
     try:
         raw = OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides))
     except (ConfigKeyError, ValidationError) as exc:
@@ -293,22 +299,41 @@ def _typed(raw) -> tuple[TrainConfig, Any]:
         raise ConfigError(f"method.{key}: {exc}" if key else f"method ({name}): {exc}") from None
     if cfg.env.reward == "auto":
         cfg.env.reward = method.default_reward  # the held-out evaluation reports EM and F1 whatever it is
-    if cfg.teacher.kind == "auto":
-        cfg.teacher.kind = method.default_teacher
-        if cfg.teacher.kind != "local":
-            cfg.teacher.name = cfg.teacher.kind
-        elif cfg.model.name == "small" and method.token_level:
-            # the embedded teacher's tokenizer (Qwen) is not SmolLM2's: a model=small run of a
-            # token-level method gets the only same-tokenizer teacher there is, SmolLM2 itself
-            # (signal 0 until the adapter moves the student away from it; a demo of the mechanics)
-            cfg.teacher.name = "small"
+    cfg.teacher = _teacher(cfg.teacher, method, cfg.model.name)
     validate(cfg)
     return cfg, mcfg
 
 
-def to_yaml(cfg: TrainConfig, mcfg) -> str:
-    from dataclasses import asdict
+def _teacher(raw: dict, method, model_name: str):
+    """The ``teacher`` node as its backend's config dataclass (a row of ``distill.teachers.BACKENDS``);
+    a key that backend does not have fails with its name and the backend's keys."""
+    raw = dict(raw)
+    kind = raw.get("kind", "auto")
+    if kind not in TEACHER_KINDS:
+        raise ConfigError(f"teacher.kind: one of {', '.join(TEACHER_KINDS)}, got {_show(kind)}")
+    picked = ""
+    if kind == "auto":
+        kind = raw["kind"] = method.default_teacher
+        picked = f"teacher=auto picks {kind} for method {method.name}; "
+        if kind == "local" and model_name == "small" and method.token_level and "name" not in raw:
+            # the embedded teacher's tokenizer (Qwen) is not SmolLM2's: a model=small run of a
+            # token-level method gets the only same-tokenizer teacher there is, SmolLM2 itself
+            # (signal 0 until the adapter moves the student away from it; a demo of the mechanics)
+            raw["name"] = "small"
+    config = TEACHER_BACKENDS[kind].config
+    known = [f.name for f in fields(config)]
+    unknown = [k for k in raw if k not in known]
+    if unknown:
+        raise ConfigError(f"teacher.{unknown[0]}: not a key of teacher {kind} ({picked}known: {', '.join(known)}), "
+                          f"got {_show(raw[unknown[0]])}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(config), raw))
+    except (ConfigKeyError, ValidationError) as exc:
+        raise _omegaconf_error(exc, prefix="teacher.") from None
 
-    d = OmegaConf.to_container(OmegaConf.structured(cfg))
+
+def to_yaml(cfg: TrainConfig, mcfg) -> str:
+    d = OmegaConf.to_container(OmegaConf.structured(replace(cfg, teacher={})))
     d["method"] = asdict(mcfg)
+    d["teacher"] = asdict(cfg.teacher) if is_dataclass(cfg.teacher) else dict(cfg.teacher)
     return OmegaConf.to_yaml(d)

@@ -47,15 +47,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     show = "--cfg" in argv
     argv = [a for a in argv if a != "--cfg"]
+    flags = ("false", "true", "0", "1", "no", "yes", "")
+    # resume=DIR: the saved config is the base, not the presets, so it is not composed from them
+    # first (a teacher.<key> override is a key of the saved run's teacher backend, not the default's)
+    resume = next((a.split("=", 1)[1].strip("'\"") for a in reversed(argv) if a.startswith("resume=")), "false")
     try:
-        cfg, mcfg = resolve(argv)
-        resume = str(cfg.resume).lower()
-        if resume not in ("false", "true", "0", "1", "no", "yes", ""):
-            run_dir = Path(cfg.resume)
+        if resume.lower() in flags:
+            cfg, mcfg = resolve(argv)
+            resume = str(cfg.resume)
+        if resume.lower() not in flags:
+            run_dir = Path(resume)
             cfg, mcfg = _resume_config(run_dir, argv)
             cfg.output_dir, resume_flag = str(run_dir), True
         else:
-            run_dir, resume_flag = run_dir_for(cfg), resume in ("true", "1", "yes")
+            run_dir, resume_flag = run_dir_for(cfg), resume.lower() in ("true", "1", "yes")
     except ConfigError as exc:  # one line: <key>: <what is allowed>, got <value>
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2

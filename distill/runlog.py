@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from corpora.cache import atomic_write_json, atomic_write_text
+from common.files import atomic_write_json, atomic_write_text
 
 
 def peak_rss_mb() -> float:

@@ -36,14 +36,15 @@ import torch
 
 from agents.hf_policy import TransformersPolicy
 from agents.policy import SamplingParams
-from agents.rollout import SOURCE_STUDENT, Trajectory, rollout
-from corpora.cache import atomic_write_json, atomic_write_text
+from agents.rollout import Trajectory, rollout
+from common.files import atomic_write_json, atomic_write_text
 from distill import checkpoint as ckpt
 from distill import runlog
 from distill.config import TrainConfig, to_yaml
-from distill.forward import checkpointed, checkpointing_layers, forward_at, num_layers
-from distill.losses import entropy, token_logprobs
-from distill.methods import MicroBatch, Signal, get_method
+from distill.forward import checkpointed, checkpointing_layers, num_layers
+from distill.losses import entropy
+from distill.batches import Sample, student_hidden, build_samples, micro_batch
+from distill.methods import Signal, get_method
 from distill.teachers import check_capabilities, make_teacher
 
 
@@ -89,12 +90,18 @@ def load_student(mc, seed: int):
     return model, tok
 
 
+# env preset name -> the gym.make kwargs its config keys give (another env: one line here and a
+# YAML in distill/conf/env/)
+ENV_KWARGS = {
+    "webqa": lambda ec: {"retriever": ec.retriever, "top_k": ec.top_k, "reward": ec.reward, "protocol": ec.protocol},
+    "math": lambda ec: {},  # one answer, reward 1/0 (math-verify): retrieval, reward and protocol keys do not apply
+}
+
+
 def make_env_factory(ec, env_id: str):
     import gymnasium as gym
 
-    if ec.name != "webqa":
-        raise NotImplementedError(f"env={ec.name} is reserved for a later issue (Math-v0); use env=webqa")
-    kwargs = {"retriever": ec.retriever, "top_k": ec.top_k, "reward": ec.reward, "protocol": ec.protocol}
+    kwargs = ENV_KWARGS[ec.name](ec)
     if ec.max_turns is not None:  # else the env's own default
         kwargs["max_turns"] = ec.max_turns
     return lambda: gym.make(env_id, **kwargs)
@@ -112,62 +119,6 @@ def step_questions(ids: list[str], step: int, per_step: int, seed: int) -> list[
         order = np.random.default_rng([seed, epoch]).permutation(len(ids))
         out.append(ids[order[pos]])
     return out
-
-
-# -- advantages and micro-batches ------------------------------------------------------------------
-@dataclass
-class Sample:
-    seq: list[int]
-    targets: list[int]  # positions of agent tokens in seq
-    advantages: list[float]
-    weights: list[float]
-    extras: dict[str, list[float]]
-    teacher_seq: list[int] | None = None
-    teacher_targets: list[int] | None = None
-    old_logprobs: list[float] | None = None  # the sampler's log-prob per target (NaN: not the student's sample)
-
-
-def sampler_logprobs(t: Trajectory) -> list[float]:
-    """The stored sampling log-prob of each agent token the student sampled; NaN for tokens a
-    teacher wrote (ovd), whose ratio is then taken against the learner's own log-prob."""
-    src = t.sources or [SOURCE_STUDENT if m else 0 for m in t.loss_mask]
-    return [lp if s == SOURCE_STUDENT else float("nan") for lp, s, m in zip(t.logprobs, src, t.loss_mask) if m]
-
-
-def build_samples(trajs: list[Trajectory], sig: Signal) -> list[Sample]:
-    """One sample per kept trajectory: its sequence, agent-token positions, and what the method
-    attached per agent token (advantage, train weight, extras)."""
-    samples = []
-    for i, t in enumerate(trajs):
-        if sig.advantages[i] is None:
-            continue
-        p = len(t.prompt_ids)
-        targets = [p + k for k, m in enumerate(t.loss_mask) if m]
-        if not targets:
-            continue
-        weights = [float(x) for x in sig.train_masks[i]] if sig.train_masks is not None else [1.0] * len(targets)
-        if not any(weights):
-            continue  # none of its tokens trains (ovd: all the teacher's, masked)
-        samples.append(Sample(list(t.prompt_ids) + list(t.completion_ids), targets, list(sig.advantages[i]), weights,
-                              {k: v[i] for k, v in sig.extras.items()},
-                              sig.teacher_seqs[i] if sig.teacher_seqs else None,
-                              sig.teacher_targets[i] if sig.teacher_targets else None, sampler_logprobs(t)))
-    return samples
-
-
-def micro_batch(model, samples: list[Sample], pad_id: int, denominator: float, layers, **kw) -> MicroBatch:
-    out = forward_at(model, [s.seq for s in samples], [s.targets for s in samples], pad_id, layers=layers)
-    cat = lambda xs: torch.tensor([x for s in xs for x in s], dtype=torch.float32)  # noqa: E731
-    return MicroBatch(
-        seqs=[s.seq for s in samples], targets=[s.targets for s in samples], logits_N_V=out.logits_N_V,
-        logprobs_N=token_logprobs(out.logits_N_V, out.target_ids_N), hidden_L_N_D=out.hidden_L_N_D,
-        seq_index_N=out.seq_index_N, target_ids_N=out.target_ids_N,
-        advantages_N=cat([s.advantages for s in samples]), weight_N=cat([s.weights for s in samples]),
-        old_logprobs_N=cat([s.old_logprobs for s in samples]),
-        extras={k: cat([s.extras[k] for s in samples]) for k in (samples[0].extras if samples else {})},
-        denominator=denominator,
-        teacher_seqs=[s.teacher_seq for s in samples] if samples[0].teacher_seq is not None else None,
-        teacher_targets=[s.teacher_targets for s in samples] if samples[0].teacher_seq is not None else None, **kw)
 
 
 # -- evaluation ----------------------------------------------------------------------------------------
@@ -309,13 +260,14 @@ def train_step(run: Run, step: int, bar) -> tuple[dict, Signal]:
     bar.set_description(f"step {step + 1}/{cfg.steps} rollout")
     qids = step_questions(run.train_ids, step, cfg.questions_per_step, cfg.seed)
     roll = lambda pol, opts, g=1: rollout(  # noqa: E731
-        pol, run.make_env, opts, g, sampling, cfg.max_tokens_per_turn, cfg.max_total_tokens, seed=step_seed, with_privileged=True)
+        pol, run.make_env, opts, g, sampling, cfg.env.max_tokens_per_turn or cfg.max_tokens_per_turn, cfg.max_total_tokens,
+        seed=step_seed, with_privileged=True)
     trajs = roll(run.policy, [{"question_id": q} for q in qids], cfg.group_size)
     _crash_point("rollout", step + 1)
     t_roll = time.perf_counter()
 
     bar.set_description(f"step {step + 1}/{cfg.steps} teacher")
-    hidden = lambda seqs, targets, ls: _student_hidden(run.model, run.policy.pad_id, seqs, targets, ls)  # noqa: E731
+    hidden = lambda seqs, targets, ls: student_hidden(run.model, run.policy.pad_id, seqs, targets, ls)  # noqa: E731
     ctx = Context(run.policy, roll, hidden, run.method_state, *run.n_layers, step_seed, step + 1, cfg.group_size)
     sig = run.method.prepare(trajs, run.teacher, run.mcfg, ctx)
     trajs = sig.trajectories or trajs
@@ -392,21 +344,4 @@ def finish(run: Run) -> dict:
     if run.wandb is not None:
         run.wandb.finish()
     return result
-
-
-# -- helpers --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def _student_hidden(model, pad_id, seqs, targets, layers):
-    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else _null()
-    with ctx:
-        return forward_at(model, seqs, targets, pad_id, with_logits=False, layers=layers).hidden_L_N_D
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
 

@@ -67,6 +67,17 @@ PROMPTS: dict[str, tuple[str, str]] = {
         "from 0 to 9:\n" + _ANCHORS_PREFIX + "Reply with exactly one line: Score: <digit>",
     ),
 }
+# a partial solution of a one-turn env (Math-v0): ovd scores its step prefixes (OVD v2: keep the
+# student's good prefix, resample the rest); the same instructions for every prompt row
+SOLUTION_PREFIX = (
+    "The agent has not finished its solution. Judge whether its reasoning so far is correct and on "
+    "track to reach the gold answer, on a scale from 0 to 9:\n"
+    "0 = wrong, nonsense or off-topic;\n"
+    "3 = a plausible start, but with an error or no progress;\n"
+    "6 = correct so far and heading towards the gold answer;\n"
+    "9 = correct so far and the gold answer is as good as reached.\n"
+    "Reply with exactly one line: Score: <digit>"
+)
 DEFAULT_PROMPT = "answer_match"  # measured best by benchmarks.grader (results/grader/summary.json)
 # prompts whose finished-trajectory form shows only the question, gold and final answer
 ANSWER_ONLY = frozenset({"answer_match"})
@@ -130,10 +141,22 @@ def render(question: str, gold: Sequence[str] | None, actions: Sequence[str], ob
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
 
 
+def render_solution_prefix(question: str, gold: Sequence[str] | None, partial: str, cfg: GraderConfig = GraderConfig()) -> list[dict]:
+    """Chat messages asking the teacher to grade the first steps of a one-turn solution."""
+    lines = [f"Question: {question}"]
+    if cfg.show_gold and gold:
+        lines.append(f"Gold answer(s): {' | '.join(map(str, gold))}")
+    lines += ["", "The agent's solution so far:", partial.strip(), "", SOLUTION_PREFIX]
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+
+
+def gold_of(tr) -> list | None:
+    return (tr.info.get("privileged") or {}).get("answers") or tr.info.get("gold_answers")
+
+
 def render_trajectory(tr, upto_turn: int | None = None, cfg: GraderConfig = GraderConfig()) -> list[dict]:
     """``render`` of an ``agents.rollout.Trajectory`` (gold from its privileged info)."""
-    gold = (tr.info.get("privileged") or {}).get("answers") or tr.info.get("gold_answers")
-    return render(tr.question, gold, tr.actions, tr.observations, tr.answer, upto_turn, cfg)
+    return render(tr.question, gold_of(tr), tr.actions, tr.observations, tr.answer, upto_turn, cfg)
 
 
 def expected_digit(probs: Sequence[float]) -> float:

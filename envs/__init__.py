@@ -11,6 +11,7 @@ import gymnasium as gym
 
 WEBQA = "envs.webqa:WebQAEnv"
 WEBQA_VECTOR = "envs.vector:WebQAVectorEnv"
+MATH = "envs.math:MathEnv"
 
 # id -> (entry point, vector entry point or None, kwargs). WebQA dataset names are resolved by
 # corpora.qa (default splits there).
@@ -27,6 +28,10 @@ REGISTRY: dict[str, tuple[str, str | None, dict]] = {
     "WebQA-Bamboogle-v0": (WEBQA, WEBQA_VECTOR, {"dataset": "bamboogle"}),
     "WebQA-ToolCall-v0": (WEBQA, WEBQA_VECTOR, {"protocol": "tool_call"}),
     "WebQA-F1-v0": (WEBQA, WEBQA_VECTOR, {"reward": "f1"}),
+    "Math-v0": (MATH, None, {}),  # GSM8K test (1,319)
+    "Math-GSM8K-v0": (MATH, None, {"dataset": "gsm8k"}),
+    "Math-GSM8K-train-v0": (MATH, None, {"dataset": "gsm8k:train"}),  # 7,473 problems with solutions: training
+    "Math-MATH500-v0": (MATH, None, {"dataset": "math500"}),
 }
 
 # Dataset name -> env id, for CLIs that take "datasets=nq,hotpotqa".
@@ -38,6 +43,8 @@ DATASET_ENV_IDS = {
     "2wikimultihopqa": "WebQA-2Wiki-v0",
     "musique": "WebQA-MuSiQue-v0",
     "bamboogle": "WebQA-Bamboogle-v0",
+    "gsm8k": "Math-GSM8K-v0",
+    "math500": "Math-MATH500-v0",
 }
 
 

@@ -22,10 +22,10 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("envs", "corpora", "agents", "distill", "benchmarks", "setup.py", "pyproject.toml", "README.md",
-           "webqa_gym_hook.py")
-OURS = ("webqa_gym", "__editable__.webqa_gym", "__editable___webqa_gym", "envs", "corpora", "agents", "distill",
-        "benchmarks")
+SOURCES = ("common", "envs", "corpora", "agents", "distill", "benchmarks", "setup.py", "pyproject.toml",
+           "README.md", "webqa_gym_hook.py")
+OURS = ("webqa_gym", "__editable__.webqa_gym", "__editable___webqa_gym", "common", "envs", "corpora", "agents",
+        "distill", "benchmarks")
 MODES = {
     "regular": [["install", "."]],
     "editable": [["install", "-e", "."]],

@@ -2,7 +2,8 @@
 
 The teacher is the student's initial policy (``teacher=self``: the LoRA adapters disabled) with
 privileged information in its prompt: the gold answers and gold supporting passages from
-``env.unwrapped.privileged()``, placed before the normal prompt. It scores the student's own
+``env.unwrapped.privileged()`` (Math-v0: the reference answer and solution, the OPSD paper's
+privileged context), placed before the normal prompt. It scores the student's own
 tokens: the teacher sequence is ``privileged prompt + the same completion ids``. Loss:
 ``form=jsd`` (default) full-vocabulary generalised JSD with ``beta=0.5`` per agent token (GKD/TRL
 convention, ``losses.generalized_jsd``: 0 forward KL, 1 reverse KL, 0.5 symmetric; teacher rows
@@ -35,6 +36,8 @@ def privileged_text(prompt: str, priv: dict, max_chars: int) -> str:
     answers = " | ".join(map(str, priv.get("answers", [])))
     passages = "\n".join(f"- {p}" for p in priv.get("supporting_passages", []))[:max_chars]
     block = f"(Privileged reference, not visible to the agent.) The correct answer is: {answers}\n"
+    if priv.get("solution"):  # Math-v0: the reference solution (OPSD's privileged context on math)
+        block += f"Reference solution:\n{priv['solution'][:max_chars]}\n"
     if passages:
         block += f"Supporting passages:\n{passages}\n"
     return block + "\n" + prompt

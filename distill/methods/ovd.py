@@ -31,13 +31,14 @@ advantages.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from agents.policy import Completion
 from agents.rollout import SOURCE_STUDENT
 from distill.advantages import sample_advantages
 from distill.methods import Method, MethodConfig, Signal
-from distill.verbal import GraderConfig, grade, render_trajectory
+from distill.verbal import GraderConfig, gold_of, grade, render_solution_prefix, render_trajectory
 
 
 @dataclass
@@ -49,6 +50,9 @@ class OVDConfig(MethodConfig):
     teacher_temperature: float = 0.7  # replace: sampling temperature of the teacher's continuation
     env_weight: float = 0.5  # reward mode only: weight of the env reward against S/9
     granularity: str = "trajectory"  # reward mode: trajectory | turn
+    prefix: str = "auto"  # replace: what a prefix is: turn | step (a one-turn solution's paragraphs) | auto (step
+    # where the env allows one turn, e.g. Math-v0; turn otherwise)
+    max_steps: int = 8  # step prefixes: a solution's paragraphs merged into at most this many steps
     grader: dict = field(default_factory=dict)  # distill.verbal.GraderConfig fields (prompt, show_gold, readout, ...)
 
     def __post_init__(self):
@@ -58,6 +62,10 @@ class OVDConfig(MethodConfig):
             raise ValueError(f"ovd granularity must be 'trajectory' or 'turn', got {self.granularity!r}")
         if not 0.0 <= self.env_weight <= 1.0:
             raise ValueError(f"env_weight must be in [0, 1], got {self.env_weight}")
+        if self.prefix not in ("auto", "turn", "step"):
+            raise ValueError(f"ovd prefix must be auto, turn or step, got {self.prefix!r}")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if not 0.0 <= self.threshold <= 10.0:  # 0: always accept; 10: always replace
             raise ValueError(f"threshold must be in [0, 10], got {self.threshold}")
         grader_config(self)  # unknown grader keys fail here, by name
@@ -110,22 +118,91 @@ def score_prefixes(trajectories, teacher, grader: GraderConfig, threshold: float
     return scores, cuts, dropped, counts
 
 
-def continue_with_teacher(trajectories, cuts: dict[int, int], actor, student, roll, temperature: float | None = None):
+def split_steps(text: str, max_steps: int) -> list[str]:
+    """A one-turn solution's steps: its paragraphs (split after each blank line, the separator kept
+    with the step before it), merged evenly into at most ``max_steps``; ``"".join`` gives the text."""
+    parts: list[str] = []
+    for piece in re.split(r"(?<=\n\n)", text):
+        if parts and not piece.strip():
+            parts[-1] += piece
+        elif piece:
+            parts.append(piece)
+    if len(parts) > max_steps:
+        size = -(-len(parts) // max_steps)
+        parts = ["".join(parts[k: k + size]) for k in range(0, len(parts), size)]
+    return parts or [text]
+
+
+def score_step_prefixes(trajectories, teacher, grader: GraderConfig, threshold: float, max_steps: int, seed: int = 0):
+    """``score_prefixes`` for one-turn trajectories, over the steps of their one answer (OVD v2 at
+    step granularity): step prefix k is scored only if prefix k-1 was accepted; the last prefix
+    is the whole trajectory, scored as a finished one. ``cuts[i]`` = how many steps to keep."""
+    n = len(trajectories)
+    steps = [split_steps(t.actions[0], max_steps) if t.actions else [] for t in trajectories]
+    scores: list[list[float]] = [[] for _ in range(n)]
+    cuts: list[int | None] = [None] * n
+    dropped: set[int] = set()
+    counts: dict[str, float] = {}
+    alive = [i for i in range(n) if steps[i]]
+    k = 1
+    while alive:
+        t = trajectories
+        msgs = [render_solution_prefix(t[i].question, gold_of(t[i]), "".join(steps[i][:k]), grader) if k < len(steps[i])
+                else render_trajectory(t[i], None, grader) for i in alive]
+        got, c = grade(teacher, msgs, grader, seed=seed + 7919 * k)
+        for key, v in c.items():
+            counts[key] = counts.get(key, 0) + v
+        nxt = []
+        for i, sc in zip(alive, got):
+            if sc is None:
+                dropped.add(i)
+                continue
+            scores[i].append(sc)
+            if sc < threshold:
+                cuts[i] = k - 1
+            elif k < len(steps[i]):
+                nxt.append(i)
+        alive, k = nxt, k + 1
+    return scores, cuts, dropped, counts, steps
+
+
+def kept_tokens(student, ids, text_prefix: str) -> int:
+    """The fewest of a turn's ``ids`` whose decoded text covers ``text_prefix``."""
+    if not text_prefix:
+        return 0
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(student.decode(ids[:mid])) >= len(text_prefix):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def continue_with_teacher(trajectories, cuts: dict[int, int], actor, student, roll, temperature: float | None = None,
+                          partial: dict[int, int] | None = None):
     """The mixed trajectories: for each ``i -> cut`` the student's first ``cut`` turns replayed
     token for token, then ``actor`` acting until the episode ends (``roll(policy, reset_options)``
-    runs the one rollout loop). Returns {i: mixed trajectory}; a failed teacher request marks it
-    ``info["teacher_failed"]``."""
+    runs the one rollout loop). ``partial[i] = m``: the first m tokens of turn ``cuts[i]`` are the
+    student's too, and the teacher continues that turn from them. Returns {i: mixed trajectory};
+    a failed teacher request marks it ``info["teacher_failed"]``."""
     from distill.teachers.act import PrefixPolicy
 
     if not cuts:
         return {}
     order = sorted(cuts)
-    forced = {}
+    forced, heads = {}, {}
     for e, i in enumerate(order):
         t = trajectories[i]
         forced[e] = [Completion(t.completion_ids[a:b], t.logprobs[a:b], t.actions[k], "stop")
                      for k, (a, b) in enumerate(t.info["turn_spans"][: cuts[i]])]
-    policy = PrefixPolicy(student, actor, forced, **({} if temperature is None else {"temperature": temperature}))
+        m = (partial or {}).get(i, 0)
+        if m:
+            a = t.info["turn_spans"][cuts[i]][0]
+            ids = t.completion_ids[a: a + m]
+            heads[e] = Completion(ids, t.logprobs[a: a + m], student.decode(ids), "partial")
+    policy = PrefixPolicy(student, actor, forced, heads=heads, **({} if temperature is None else {"temperature": temperature}))
     mixed = roll(policy, [{"question_id": trajectories[i].question_id} for i in order])
     out = {}
     for e, i in enumerate(order):
@@ -169,10 +246,18 @@ def _prepare_replace(trajectories, teacher, cfg: OVDConfig, ctx) -> Signal:
     from distill.teachers.act import teacher_actor
 
     grader = grader_config(cfg)
-    scores, cuts, dropped, m = score_prefixes(trajectories, teacher, grader, cfg.threshold, ctx.seed)
-    cut_at = {i: c for i, c in enumerate(cuts) if c is not None and i not in dropped}
+    if use_steps(trajectories, cfg):
+        scores, kept, dropped, m, steps = score_step_prefixes(trajectories, teacher, grader, cfg.threshold, cfg.max_steps, ctx.seed)
+        cut_at = {i: 0 for i, c in enumerate(kept) if c is not None and i not in dropped}  # the one turn, partly kept
+        partial = {i: kept_tokens(ctx.policy, trajectories[i].completion_ids[slice(*trajectories[i].info["turn_spans"][0])],
+                                  "".join(steps[i][: kept[i]])) for i in cut_at}
+        cuts = kept
+        m["kept_steps"] = sum(kept[i] for i in cut_at)
+    else:
+        scores, cuts, dropped, m = score_prefixes(trajectories, teacher, grader, cfg.threshold, ctx.seed)
+        cut_at, partial = {i: c for i, c in enumerate(cuts) if c is not None and i not in dropped}, {}
     actor = teacher_actor(teacher, ctx.policy, ctx.policy.tokenizer)
-    mixed = continue_with_teacher(trajectories, cut_at, actor, ctx.policy, ctx.rollout, cfg.teacher_temperature)
+    mixed = continue_with_teacher(trajectories, cut_at, actor, ctx.policy, ctx.rollout, cfg.teacher_temperature, partial)
     out = [mixed.get(i, t) for i, t in enumerate(trajectories)]
     rewards: list[float | None] = []
     masks, teacher_tokens, replaced, teacher_turns = [], 0, 0, 0
@@ -194,6 +279,13 @@ def _prepare_replace(trajectories, teacher, cfg: OVDConfig, ctx) -> Signal:
         "accept_rate": sum(cuts[i] is None for i in scored) / max(len(scored), 1),
         "replaced_trajectories": len(cut_at), "replaced_turns": replaced, "teacher_turns": teacher_turns,
         "teacher_tokens": teacher_tokens})
+
+
+def use_steps(trajectories, cfg: OVDConfig) -> bool:
+    """Step prefixes where asked, or (``prefix=auto``) where the env allows one turn."""
+    if cfg.prefix != "auto":
+        return cfg.prefix == "step"
+    return bool(trajectories) and all(t.info.get("max_turns") == 1 for t in trajectories)
 
 
 def needs(cfg: OVDConfig) -> frozenset[str]:

@@ -15,15 +15,18 @@ A teacher offers some of these capabilities (``teacher.capabilities``):
 Backends: ``local`` (a transformers model in this process), ``self`` (the student itself with
 its LoRA adapters disabled, i.e. the initial policy; for opsd), ``http`` (any OpenAI-compatible
 endpoint over ``requests``: scores through chat, log-probs where the server returns prompt
-log-probs with ``echo``), ``vllm`` (GPU). A method states what it needs and
-``check_capabilities`` fails at start-up with a message naming what is missing.
+log-probs with ``echo``), ``vllm`` (GPU), and ``none``. Each is one row of ``BACKENDS``: its
+config dataclass (the ``teacher.<key>`` knobs it takes, nothing else) and its builder. A method
+states what it needs and ``check_capabilities`` fails at start-up with a message naming what is
+missing.
 
 Token-level capabilities take ids in the *student's* tokenizer; ``same_tokenizer`` checks that
 a teacher can read them (no vocabulary mapping is done).
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
 
 CAPABILITIES = ("score", "score_distribution", "logprobs", "topk_logprobs", "distribution", "hidden_states", "act")
 TOKEN_LEVEL = frozenset({"logprobs", "topk_logprobs", "distribution", "hidden_states"})
@@ -78,13 +81,45 @@ def check_capabilities(method: str, needs: frozenset[str], teacher, student_toke
         )
 
 
-def _self(cfg, student_model, student_tokenizer, student_name):
+# -- backends: each one's keys (a small dataclass; ``teacher.<key>=...`` on the command line) and
+# its builder(cfg, student_model, student_tokenizer, student_name) -> teacher (None: no teacher).
+# ``kind`` is every config's first field and names its row of ``BACKENDS``; ``name`` labels the
+# teacher in logs (and, for local/vllm, is the model to load).
+@dataclass
+class NoneTeacherConfig:
+    """No teacher (grpo)."""
+
+    kind: str = "none"
+    name: str = "none"
+
+
+@dataclass
+class SelfTeacherConfig:
+    """The student itself with its LoRA adapters disabled (the initial policy): opsd."""
+
+    kind: str = "self"
+    name: str = "self"
+    batch_size: int = 4  # sequences per teacher forward
+
+
+def _self(cfg: SelfTeacherConfig, student_model, student_tokenizer, student_name):
     from distill.teachers.local import LocalTeacher
 
     return LocalTeacher.self_teacher(student_model, student_tokenizer, name=f"self:{student_name}", batch_size=cfg.batch_size)
 
 
-def _local(cfg, *_):
+@dataclass
+class LocalTeacherConfig:
+    """A transformers model in this process."""
+
+    kind: str = "local"
+    name: str = "teacher"  # teacher | student | small | tiny[:HxL] (random, tests) | hub id | path
+    dtype: str = "float32"
+    device: str = "auto"
+    batch_size: int = 4  # sequences per teacher forward
+
+
+def _local(cfg: LocalTeacherConfig, *_):
     from agents.models import load_model, tiny_random_model
     from distill.teachers.local import LocalTeacher
 
@@ -97,7 +132,22 @@ def _local(cfg, *_):
     return LocalTeacher(model, tok, name=cfg.name, batch_size=cfg.batch_size)
 
 
-def _http(cfg, *_):
+@dataclass
+class HttpTeacherConfig:
+    """Any OpenAI-compatible endpoint."""
+
+    kind: str = "http"
+    url: str = ""  # required: the server's base URL, e.g. http://127.0.0.1:8001/v1
+    name: str = ""  # the model field sent to the server ("" = none sent)
+    tokenizer: str = ""  # the served model's tokenizer (needed for token-level methods)
+    timeout: float = 60.0
+    retries: int = 2
+    concurrency: int = 8
+    logprobs: bool = False  # the server returns prompt log-probs with echo
+    api_key: str = ""
+
+
+def _http(cfg: HttpTeacherConfig, *_):
     from distill.teachers.http import HttpTeacher
 
     tok = None
@@ -109,7 +159,16 @@ def _http(cfg, *_):
                        concurrency=cfg.concurrency, logprobs=cfg.logprobs, api_key=cfg.api_key or None)
 
 
-def _vllm(cfg, *_):
+@dataclass
+class VLLMTeacherConfig:
+    """The teacher in vLLM on this GPU."""
+
+    kind: str = "vllm"
+    name: str = "teacher"
+    dtype: str = "float32"  # float32 (the CPU default) means bfloat16 on a GPU
+
+
+def _vllm(cfg: VLLMTeacherConfig, *_):
     import torch
 
     from distill.teachers.vllm import VLLMTeacher
@@ -119,12 +178,24 @@ def _vllm(cfg, *_):
     return VLLMTeacher(cfg.name, dtype=dtype)
 
 
-# kind -> builder(cfg, student_model, student_tokenizer, student_name). A backend is a file and a line.
-BACKENDS = {"none": lambda *a: None, "self": _self, "local": _local, "http": _http, "vllm": _vllm}
+@dataclass(frozen=True)
+class Backend:
+    config: type  # the backend's keys: a dataclass whose first field is ``kind``
+    build: Callable[..., Any]  # (cfg, student_model, student_tokenizer, student_name) -> teacher | None
+
+
+# kind -> (config, builder). A backend is a teacher file, a config and builder here, and a line.
+BACKENDS: dict[str, Backend] = {
+    "none": Backend(NoneTeacherConfig, lambda *a: None),
+    "self": Backend(SelfTeacherConfig, _self),
+    "local": Backend(LocalTeacherConfig, _local),
+    "http": Backend(HttpTeacherConfig, _http),
+    "vllm": Backend(VLLMTeacherConfig, _vllm),
+}
 
 
 def make_teacher(cfg, student_model=None, student_tokenizer=None, student_name: str | None = None):
-    """Build the teacher a config names (``kind``: a row of ``BACKENDS``)."""
+    """Build the teacher a backend config describes (``cfg.kind``: a row of ``BACKENDS``)."""
     if cfg.kind not in BACKENDS:
         raise ValueError(f"unknown teacher kind {cfg.kind!r}; choose one of {sorted(BACKENDS)}")
-    return BACKENDS[cfg.kind](cfg, student_model, student_tokenizer, student_name)
+    return BACKENDS[cfg.kind].build(cfg, student_model, student_tokenizer, student_name)

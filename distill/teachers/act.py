@@ -20,13 +20,20 @@ from typing import Sequence
 from agents.policy import Completion, SamplingParams, first_stop
 
 
+CONTINUE = ("\n\nHere is the beginning of your reply. Continue it from exactly where it stops, without "
+            "repeating it:\n\n{partial}")
+
+
 def history_messages(ctx: dict) -> list[dict]:
-    """The episode in ``ctx`` (the rollout's context: prompt, actions, observations) as chat."""
+    """The episode in ``ctx`` (the rollout's context: prompt, actions, observations) as chat;
+    ``ctx["partial_text"]``, the start of this turn's reply, is asked to be continued."""
     msgs = [{"role": "user", "content": ctx["prompt"]}]
     for k, action in enumerate(ctx.get("actions") or []):
         msgs.append({"role": "assistant", "content": action})
         obs = (ctx.get("observations") or [])[k] if k < len(ctx.get("observations") or []) else ""
         msgs.append({"role": "user", "content": obs or "(no observation)"})
+    if ctx.get("partial_text"):
+        msgs[-1] = {"role": "user", "content": msgs[-1]["content"] + CONTINUE.format(partial=ctx["partial_text"])}
     return msgs
 
 
@@ -99,11 +106,15 @@ def teacher_actor(teacher, student, student_tokenizer):
 
 class PrefixPolicy(_StudentTokens):
     """Replays each episode's first turns (``forced[episode]``, the student's completions) token
-    for token, then lets ``actor`` act; ``sampling`` overrides the actor's sampling parameters
-    (e.g. its temperature)."""
+    for token, then lets ``actor`` act; ``heads[episode]``, the start of the next turn (the
+    student's first steps of a one-turn solution), is kept and the actor continues it: an
+    exact-ids actor from the student's own ids, a chat actor from its text (``partial_text``).
+    ``sampling`` overrides the actor's sampling parameters (e.g. its temperature)."""
 
-    def __init__(self, student, actor, forced: dict[int, list[Completion]], **sampling):
+    def __init__(self, student, actor, forced: dict[int, list[Completion]], heads: dict[int, Completion] | None = None,
+                 **sampling):
         self.student, self.actor, self.forced, self.sampling = student, actor, forced, sampling
+        self.heads = dict(heads or {})
         self.turns: dict[int, int] = {}
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, contexts=None):
@@ -121,7 +132,19 @@ class PrefixPolicy(_StudentTokens):
                 delegate.append(i)
         if delegate:
             sp = replace(sampling, **self.sampling) if self.sampling else sampling
-            got = self.actor.generate([prompts[i] for i in delegate], sp, [contexts[i] for i in delegate])
-            for i, c in zip(delegate, got):
-                out[i] = c
+            heads = [self.heads.pop(contexts[i]["episode"], None) for i in delegate]
+            ps = [list(prompts[i]) + (h.token_ids if h else []) for i, h in zip(delegate, heads)]
+            cs = [dict(contexts[i], partial_text=h.text) if h else contexts[i] for i, h in zip(delegate, heads)]
+            got = self.actor.generate(ps, sp, cs)
+            for i, h, c in zip(delegate, heads, got):
+                out[i] = c if h is None else self._joined(h, c, sampling.max_new_tokens)
         return out
+
+    def _joined(self, head: Completion, c: Completion, budget: int) -> Completion:
+        """The student's head of a turn and the actor's continuation as one turn, per-token sources."""
+        from agents.rollout import SOURCE_STUDENT, SOURCE_TEACHER
+
+        ids = (list(head.token_ids) + list(c.token_ids))[:budget]
+        lps = (list(head.logprobs) + list(c.logprobs))[:budget]
+        sources = ([SOURCE_STUDENT] * len(head.token_ids) + [SOURCE_TEACHER] * len(c.token_ids))[:budget]
+        return Completion(ids, lps, self.student.decode(ids), c.finish_reason, {**c.extra, "source": "teacher", "sources": sources})

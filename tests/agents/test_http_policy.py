@@ -25,7 +25,7 @@ from agents.models import tiny_random_model
 from agents.openai_server import ModelServerProcess
 from agents.policy import SamplingParams
 from agents.rollout import rollout
-from corpora.serve import free_port
+from common.subprocess_server import free_port
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=16, stop=())
 

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs vLLM on a CUDA GPU
 def served(tmp_path_factory):
     from agents.hf_policy import TransformersPolicy
     from agents.models import MissingModelPackage, load_model
-    from corpora.serve import free_port
+    from common.subprocess_server import free_port
 
     try:
         model, tok = load_model("small", dtype="float32", device=DEVICE)

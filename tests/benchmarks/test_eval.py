@@ -75,3 +75,40 @@ def test_summarise_only_tables_a_stopped_run(tmp_path):
     assert eval_main(["model=oracle", "datasets=hotpotqa", "limit=10", "summarise_only=true", f"out={tmp_path}"]) == 0
     assert len(_lines(tmp_path / "hotpotqa.jsonl")) == 4  # nothing new was run
     assert "| hotpotqa | 4 | 1.000 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    from math import comb
+
+    from agents.evaluation import pass_at_k, sampled_summary
+
+    for n, c, k in [(8, 3, 1), (8, 3, 4), (8, 0, 2), (8, 8, 8), (5, 2, 3), (16, 1, 8)]:
+        assert pass_at_k(n, c, k) == pytest.approx(1 - comb(n - c, k) / comb(n, k))
+    recs = [{"question_id": q, "em": e} for q, es in (("a", [1, 0, 0, 0]), ("b", [0, 0, 0, 0])) for e in es]
+    s = sampled_summary(recs)
+    assert s == {"questions": 2, "samples_per_question": 4, "pass@1": 0.125, "pass@2": pytest.approx(0.25), "pass@4": 0.5}
+
+
+def test_math_eval_with_n_samples_resumes_whole_questions(tmp_path):
+    """datasets=gsm8k n=3: records per (question, sample); a question cut short by a kill is rolled
+    out again whole, nothing is duplicated, and the table has mean@n, pass@k and extraction failures."""
+    args = ["model=oracle", "datasets=gsm8k,math500", "limit=4", "n=3", f"out={tmp_path}"]
+    assert eval_main(args) == 0
+    f = tmp_path / "gsm8k.jsonl"
+    full = _lines(f)
+    assert len(full) == 12 and {(r["question_id"], r["sample"]) for r in full} == {(r["question_id"], s) for r in full for s in range(3)}
+    qids = list(dict.fromkeys(r["question_id"] for r in full))
+    kept = [r for r in full if r["question_id"] in qids[:2]] + [next(r for r in full if r["question_id"] == qids[2])]
+    f.write_text("".join(json.dumps(r) + "\n" for r in kept))  # as a kill leaves it: question 3 has 1 of its 3 samples
+    assert eval_main(args) == 0
+    again = read_done(f)
+    assert len(again) == 12 and len(_lines(f)) == 7 + 3 + 3  # question 3 again whole, question 4
+    s = json.loads((tmp_path / "summary.json").read_text())
+    g = s["summary"]["gsm8k"]
+    assert g["episodes"] == 12 and g["questions"] == 4 and g["samples_per_question"] == 3
+    assert g["em"] == g["pass@1"] == g["pass@2"] == 1.0 and g["extraction_failures"] == 0.0 and g["grader_fallback"] == 0
+    assert s["fingerprint"]["math500"]["samples_per_question"] == 3 and "corpus" not in s["fingerprint"]["math500"]
+    table = (tmp_path / "summary.md").read_text()
+    assert "| gsm8k | 4 | 3 | 1.000 | 1.000 | 1.000 | 0.000 | 0 |" in table and "pass@2" in table
+    with pytest.raises(SystemExit, match="greedy"):
+        eval_main(args + ["greedy=true"])

@@ -6,11 +6,11 @@ import pytest
 
 import json
 
-from benchmarks import hostile
+from benchmarks import hostile, hostile_cases
 
 
 def test_catalogue_covers_the_issue():
-    names = {(c.server, c.name) for c in hostile.CASES}
+    names = {(c.server, c.name) for c in hostile_cases.CASES}
     for server in ("retrieval", "model"):
         for words in ("100,000-deep", "5,000 digits", "Content-Length: -1", "no Content-Length", "slow client",
                       "idle connection", "half-open"):
@@ -19,7 +19,7 @@ def test_catalogue_covers_the_issue():
                   "temperature 1e-300", "seed 10**30", "client gone", "GET /v1/completions", "--request-timeout"):
         assert any(words in n for s, n in names if s == "model"), words
     assert any("topk 100" in n for s, n in names if s == "retrieval")
-    assert all(c.expect for c in hostile.CASES)
+    assert all(c.expect for c in hostile_cases.CASES)
 
 
 @pytest.mark.slow

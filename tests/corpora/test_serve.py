@@ -153,7 +153,7 @@ def test_graceful_shutdown_on_sigterm(index_dir):
 
 
 def test_all_replicas_down_raises_clear_error():
-    from corpora.serve import free_port
+    from common.subprocess_server import free_port
 
     urls = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
     r = HttpRetriever(urls, retries=1, backoff=0.01, timeout=(0.5, 2))

@@ -35,7 +35,7 @@ BAD = [
     (["max_grad_norm=0"], "max_grad_norm"),
     (["seed=-1"], "seed"),
     (["threads=-1"], "threads"),
-    (["env=math"], "env.name"),
+    (["env.max_tokens_per_turn=0"], "env.max_tokens_per_turn"),
     (["env.name=atari"], "env.name"),
     (["env=nosuch"], "env"),
     (["env.max_turns=0"], "env.max_turns"),
@@ -51,6 +51,9 @@ BAD = [
     (["teacher.retries=-1"], "teacher.retries"),
     (["teacher.concurrency=0"], "teacher.concurrency"),
     (["teacher.batch_size=0"], "teacher.batch_size"),
+    (["teacher=teacher", "teacher.batch_size=0"], "teacher.batch_size"),  # a key of local, a bad value
+    (["teacher=http", "teacher.url=http://127.0.0.1:1/v1", "teacher.batch_size=3"], "teacher.batch_size"),  # not http's
+    (["teacher=teacher", "teacher.url=http://127.0.0.1:1/v1"], "teacher.url"),  # not local's
     (["model=nosuch"], "model"),
     (["model.lora_r=0"], "model.lora_r"),
     (["model.lora_alpha=0"], "model.lora_alpha"),
@@ -82,10 +85,10 @@ def test_bad_value_is_one_line_naming_the_key_and_exit_2(case, key, tmp_path, ca
     assert not (tmp_path / "run").exists()  # nothing started
 
 
-def test_math_says_it_is_not_built_yet(tmp_path, capsys):
-    assert main(argv(["env=math"], tmp_path)) == 2
+def test_env_name_error_lists_the_presets(tmp_path, capsys):
+    assert main(argv(["env.name=atari"], tmp_path)) == 2
     line = capsys.readouterr().err.strip()
-    assert "Math-v0" in line and "not built yet" in line and "webqa" in line
+    assert "env.name" in line and "webqa" in line and "math" in line
 
 
 def test_http_teacher_has_no_default_url():

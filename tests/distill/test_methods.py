@@ -195,7 +195,8 @@ def _method_step(method, overrides, teacher_kind, env_id, env_weight, monkeypatc
     from agents.rollout import rollout
     from distill.forward import base_model
     from distill.teachers.local import LocalTeacher
-    from distill.train import Context, _student_hidden, build_samples, micro_batch
+    from distill.batches import student_hidden, build_samples, micro_batch
+    from distill.train import Context
 
     model, tok = tiny_random_model("small", seed=0)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
@@ -214,7 +215,7 @@ def _method_step(method, overrides, teacher_kind, env_id, env_weight, monkeypatc
     sp = SamplingParams(seed=1)
     roll = lambda pol, opts, g=1: rollout(pol, lambda: gym.make(env_id), opts, g, sp, 8, 96, seed=1, with_privileged=True)  # noqa: E731
     trajs = roll(policy, [{"question_id": "train-0"}], 2)
-    ctx = Context(policy, roll, lambda seqs, ts, ls: _student_hidden(model, policy.pad_id, seqs, ts, ls), {}, 2, 2, 1, 1, 2)
+    ctx = Context(policy, roll, lambda seqs, ts, ls: student_hidden(model, policy.pad_id, seqs, ts, ls), {}, 2, 2, 1, 1, 2)
     sig = m.prepare(trajs, teacher, mcfg, ctx)
     trajs = sig.trajectories or trajs
     samples = build_samples(trajs, sig)

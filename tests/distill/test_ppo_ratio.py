@@ -48,7 +48,7 @@ def test_unknown_sampler_logprob_is_ratio_one():
 
 def test_sampler_logprobs_of_a_mixed_trajectory():
     from agents.rollout import SOURCE_ENV, SOURCE_STUDENT, SOURCE_TEACHER, Trajectory
-    from distill.train import sampler_logprobs
+    from distill.batches import sampler_logprobs
 
     t = Trajectory("q", "q", 0, [1], completion_ids=[5, 6, 7, 8], loss_mask=[1, 0, 1, 1], logprobs=[-0.1, 0.0, -0.3, -0.4],
                    sources=[SOURCE_STUDENT, SOURCE_ENV, SOURCE_TEACHER, SOURCE_STUDENT])

@@ -7,7 +7,7 @@
   405, 411, 413, http.server's own), a strict ``Content-Length`` body reader, ``client_gone``.
 * :func:`trim_memory`, :func:`tune_malloc` - give the memory of large requests back to the OS.
 
-Running one of these servers in a subprocess (tests, benchmarks) is :mod:`corpora.subprocess_server`.
+Running one of these servers in a subprocess (tests, benchmarks) is :mod:`common.subprocess_server`.
 """
 from __future__ import annotations
 
