@@ -55,6 +55,8 @@ class EvalConfig:
     dtype: str = "float32"
     device: str = "cpu"
     retriever: str = "bundled"
+    record: str = ""  # a JSONL path: record every retrieval with its result (corpora/recording.py)
+    replay: str = ""  # a recording to serve instead of the index: no index or network needed
     seed: int = 0
     threads: int = 0  # torch threads, 0 = torch's default
     env_kwargs: dict = field(default_factory=dict)
@@ -209,6 +211,8 @@ def env_kwargs_for(env_id: str, cfg) -> dict:
     if envs.REGISTRY.get(env_id, ("",))[0] == envs.MATH:
         return {}
     kw = {"top_k": cfg.top_k, "retriever": cfg.retriever}
+    if cfg.record or cfg.replay:
+        kw |= {"record": cfg.record or None, "replay": cfg.replay or None}
     if cfg.max_turns is not None:
         kw["max_turns"] = cfg.max_turns
     return kw
@@ -258,6 +262,12 @@ def fingerprint_of(probe, env_id: str, cfg) -> dict:
     """What the numbers depend on besides the model: env, QA set, samples, prompt, corpus and index."""
     fp = {"env_id": env_id, "qa_set": probe.dataset, "samples_per_question": cfg.n,
           "prompt_sha256": hashlib.sha256(probe.prompt_template.encode()).hexdigest()[:16]}
+    for key in ("record", "replay"):  # the recording a run wrote or read
+        path = getattr(probe, key, None)
+        if path:
+            fp[key] = str(path)
+            if key == "replay":
+                fp["replay_sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
     if hasattr(probe, "retriever_spec"):  # a retrieval env: which corpus and index
         retr = probe.retriever
         meta = getattr(retr, "meta", {})

@@ -1,14 +1,22 @@
-"""Retrieval at scale: build, memory, disk, load and query speed of our BM25 index, against rank-bm25.
+"""Retrieval at scale: build, memory, disk, load and query speed of our BM25 index, against rank-bm25,
+with dense and hybrid retrieval beside them on the bundled corpus.
 
     python -m benchmarks.retrieval --size 5000000                 # the issue-5 scale run
-    python -m benchmarks.retrieval --size 0                       # bundled corpus only
+    python -m benchmarks.retrieval --size 0 --ref-sizes           # bundled corpus only (BM25, dense, hybrid)
     python -m benchmarks.retrieval --size 200000 --ref-sizes 20000 --out results/retrieval_200k.json
+    python -m benchmarks.retrieval --size 0 --ref-sizes --bundled-limit 300 --queries 50 --single 20  # a smoke run
 
 Rows (each build and each query phase runs in a fresh spawned process, so its peak RSS is its
 own; peak RSS is ``VmHWM`` and counts memory-mapped index pages that were touched, the
 query phase also reports anonymous memory, ``RssAnon``, at its end):
 
-* ``bundled-22980``: the packaged corpus, ours and rank-bm25, plus supporting-title recall;
+* ``bundled-22980``: the packaged corpus, ours and rank-bm25, and (unless ``--no-dense``)
+  ``dense`` (the embedded all-MiniLM-L6-v2 or ``--dense-model``, faiss ``--dense-faiss``) and
+  ``hybrid`` (BM25 + dense by reciprocal rank fusion, k=60); the hybrid row queries the dense
+  row's folder (which holds both), so its build figures are the dense build's. Each of bm25s,
+  dense and hybrid gets supporting-title recall@1/3/10 on the HotpotQA subset (its 500 questions
+  as queries, the share of their ``supporting_titles`` among the top-k hits' titles).
+  ``--bundled-limit N`` takes the first N passages only (for a quick check);
 * ``synthetic-R`` for each ``--ref-sizes`` R (default 100k, 200k): ours and rank-bm25 on the
   same corpus and queries; top-10 overlap and identical lists between them;
 * ``synthetic-SIZE``: ours only. rank-bm25 cannot be built at millions of passages here (it
@@ -73,22 +81,42 @@ def _rss_anon_mb() -> float:
     return anon if anon is not None else float("nan")
 
 
-def _build_worker(corpus: str, out_dir: str, backend: str, pages: str | None, total: int | None, progress: bool, q) -> None:
+DENSE_KINDS = ("dense", "hybrid")
+DENSE: dict = {"model": None, "faiss": "flat"}  # --dense-model, --dense-faiss (read by the build worker)
+
+
+def _build_worker(corpus: str, out_dir: str, backend: str, pages: str | None, total: int | None, progress: bool,
+                  dense: dict, q) -> None:
     from corpora.index import build_index
 
     t0 = time.perf_counter()
-    build_index(corpus, out_dir, backends=(backend,), pages=pages, show_progress=progress, total=total)
+    if backend in DENSE_KINDS:
+        from corpora.dense import FaissParams, build_dense_index
+        from corpora.encoder import DEFAULT_ENCODER, Encoder
+
+        build_dense_index(corpus, out_dir, kind=backend, encoder=Encoder(dense["model"] or DEFAULT_ENCODER),
+                          faiss_params=FaissParams(dense["faiss"]), pages=pages, show_progress=progress, total=total)
+    else:
+        build_index(corpus, out_dir, backends=(backend,), pages=pages, show_progress=progress, total=total)
     q.put({"build_s": time.perf_counter() - t0, "build_peak_rss_mb": _peak_rss_mb()})
 
 
-def _query_worker(index_dir: str, backend: str, queries: list[str], n_single: int, batch: bool, q) -> None:
-    from corpora.index import BM25Index
+def _title_recall(idx, recall_qs: list[tuple[str, list[str]]], ks=(1, 3, 10)) -> dict:
+    """Share of each question's supporting titles among the titles of its top-k hits, averaged."""
+    hits = idx.search([qt for qt, _ in recall_qs], k=max(ks))
+    return {f"recall@{k}": float(np.mean([sum(t in {h.title for h in hs[:k]} for t in titles) / len(titles)
+                                          for (_, titles), hs in zip(recall_qs, hits)])) for k in ks}
+
+
+def _query_worker(index_dir: str, backend: str, queries: list[str], n_single: int, batch: bool,
+                  recall_qs: list | None, q) -> None:
+    from corpora.retrievers import open_index
 
     t0 = time.perf_counter()
-    idx = BM25Index(index_dir, backend=backend)
+    idx = open_index(index_dir, backend)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    idx.search_ids([queries[0]], k=10)
+    idx.search_ids([queries[0]], k=10)  # a dense index loads its encoder here
     first_s = time.perf_counter() - t0
     lat, ranked = [], []
     for qtext in queries[:n_single]:
@@ -113,6 +141,8 @@ def _query_worker(index_dir: str, backend: str, queries: list[str], n_single: in
     else:
         out["batched_qps"] = out["single_qps"]  # no batch API: a batch is a loop
         out["n_batched"] = len(lat)
+    if recall_qs:
+        out["title_recall"] = _title_recall(idx, recall_qs)
     out["query_peak_rss_mb"] = _peak_rss_mb()
     out["query_rss_anon_mb"] = _rss_anon_mb()
     q.put(out)
@@ -193,17 +223,23 @@ REUSE: dict[tuple[str, str], dict] = {}  # (corpus, backend) -> build figures of
 
 
 def bench_backend(name: str, backend: str, corpus: str, queries: list[str], n_single: int, batch: bool, workdir: Path,
-                  pages: str | None = None, total: int | None = None, progress: bool = False) -> dict:
-    out_dir = workdir / f"{name}-{backend}"
-    if (name, backend) in REUSE and (out_dir / "meta.json").exists():
+                  pages: str | None = None, total: int | None = None, progress: bool = False,
+                  recall_qs: list | None = None, build_from: str | None = None) -> dict:
+    """Build (in a child) and query (in another) one backend's index. ``build_from``: query the
+    index folder of that backend's row instead of building one (hybrid on the dense folder)."""
+    out_dir = workdir / f"{name}-{build_from or backend}"
+    if build_from:
+        b = {}
+        print(f"[{name}] {backend}: querying the {build_from} index folder ...", flush=True)
+    elif (name, backend) in REUSE and (out_dir / "meta.json").exists():
         b = dict(REUSE[(name, backend)])
         print(f"[{name}] {backend}: reusing the index built by an earlier run ({b['build_s']:.1f} s, peak RSS "
               f"{b['build_peak_rss_mb']:.0f} MB); querying ...", flush=True)
     else:
         print(f"[{name}] building {backend} index ...", flush=True)
-        b = _in_child(_build_worker, corpus, str(out_dir), backend, pages, total, progress)
+        b = _in_child(_build_worker, corpus, str(out_dir), backend, pages, total, progress, DENSE)
         print(f"[{name}] {backend}: built in {b['build_s']:.1f} s, peak RSS {b['build_peak_rss_mb']:.0f} MB; querying ...", flush=True)
-    qr = _in_child(_query_worker, str(out_dir), backend, queries, n_single, batch)
+    qr = _in_child(_query_worker, str(out_dir), backend, queries, n_single, batch, recall_qs)
     qr.update(b)
     qr["disk_mb"] = _disk_mb(out_dir)
     qr["passages"] = json.loads((out_dir / "meta.json").read_text())["num_passages"]
@@ -221,8 +257,9 @@ def compare(fast: dict, ref: dict) -> dict:
             "max_rel_score_diff": float(max(gaps)) if gaps else None}
 
 
-def bench_pair(name: str, corpus: str, queries: list[str], n_single: int, ref_queries: int, workdir: Path, pages: str | None = None) -> dict:
-    fast = bench_backend(name, "bm25s", corpus, queries, n_single, True, workdir, pages)
+def bench_pair(name: str, corpus: str, queries: list[str], n_single: int, ref_queries: int, workdir: Path, pages: str | None = None,
+               recall_qs: list | None = None) -> dict:
+    fast = bench_backend(name, "bm25s", corpus, queries, n_single, True, workdir, pages, recall_qs=recall_qs)
     ref = bench_backend(name, "rank_bm25", corpus, queries, ref_queries, False, workdir, pages)
     cmp = compare(fast, ref)
     for r in (fast, ref):
@@ -232,18 +269,37 @@ def bench_pair(name: str, corpus: str, queries: list[str], n_single: int, ref_qu
             "single_speedup_vs_rank_bm25": fast["single_qps"] / ref["single_qps"]}
 
 
-def title_recall(ks=(1, 3, 10)) -> dict:
-    from corpora.qa import load_qa
-    from corpora.retrievers import get_retriever
+def bench_dense(res: dict, corpus: str, queries: list[str], n_single: int, workdir: Path, pages: str | None,
+                recall_qs: list | None) -> None:
+    """Add ``dense`` and ``hybrid`` rows to a bench_pair result (one dense build; hybrid queries it)."""
+    name = res["corpus"]
+    dense = bench_backend(name, "dense", corpus, queries, n_single, True, workdir, pages, recall_qs=recall_qs)
+    hybrid = bench_backend(name, "hybrid", corpus, queries, n_single, True, workdir, pages, recall_qs=recall_qs,
+                           build_from="dense")
+    for key in ("build_s", "build_peak_rss_mb"):
+        hybrid[key] = dense[key]
+    hybrid["build_shared_with"] = "dense"
+    meta = json.loads((workdir / f"{name}-dense" / "meta.json").read_text())
+    dense["encoder"] = {k: meta["dense"].get(k) for k in ("model", "dim", "index", "encode_seconds", "passages_per_second")}
+    hybrid["fusion"] = meta["fusion"]
+    for r in (dense, hybrid):
+        r.pop("top10")
+    res["backends"].update(dense=dense, hybrid=hybrid)
 
-    idx = get_retriever("bundled")
-    qs = load_qa("hotpotqa")
-    hits = idx.search([q["question"] for q in qs], k=max(ks))
-    out = {}
-    for k in ks:
-        rec = [sum(t in {h.title for h in hs[:k]} for t in q["supporting_titles"]) / len(q["supporting_titles"]) for q, hs in zip(qs, hits)]
-        out[f"recall@{k}"] = float(np.mean(rec))
-    return out
+
+def bundled_slice(limit: int, workdir: Path) -> Path:
+    """The first ``limit`` bundled passages as a JSONL file (for a quick run)."""
+    from corpora.corpus import BUNDLED_PASSAGES, data_path, iter_passages
+
+    path = workdir / f"bundled-first-{limit}.jsonl"
+    if not path.exists():
+        with open(path.with_suffix(".tmp"), "w", encoding="utf-8") as fh:
+            for i, p in enumerate(iter_passages(data_path(BUNDLED_PASSAGES))):
+                if i >= limit:
+                    break
+                fh.write(json.dumps({"id": p.id, "title": p.title, "text": p.text}, ensure_ascii=False) + "\n")
+        os.replace(path.with_suffix(".tmp"), path)
+    return path
 
 
 def projections(big: dict, refs: list[dict], project: int) -> dict:
@@ -283,6 +339,11 @@ def print_table(results: list[dict], proj: dict | None) -> None:
               f"{rp['query_ms']:.0f} | - | {1000 / rp['query_ms']:.3f} | - |")
         print(f"| projected | bm25s (linear) | {op['passages']:,} | {op['build_s']:.0f} | - | {op['disk_mb']:.0f} | - | - | "
               f"{op['p50_ms']:.1f} | {op['p95_ms']:.1f} | {op['batched_qps']:.1f} | - |")
+    recalls = [(res["corpus"], name, r["title_recall"]) for res in results for name, r in res["backends"].items() if "title_recall" in r]
+    if recalls:
+        print("\n| corpus | backend | recall@1 | recall@3 | recall@10 |\n|---|---|---|---|---|")
+        for corpus, name, rec in recalls:
+            print(f"| {corpus} | {name} | {rec['recall@1']:.3f} | {rec['recall@3']:.3f} | {rec['recall@10']:.3f} |")
     print()
     for res in results:
         if "overlap_at_10" in res:
@@ -305,6 +366,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ref-queries", type=int, default=0, help="queries for rank-bm25 (default: 100 bundled, 20 synthetic)")
     ap.add_argument("--project", type=int, default=21_000_000, help="passages to project ours to")
     ap.add_argument("--no-bundled", action="store_true")
+    ap.add_argument("--bundled-limit", type=int, default=0, help="only the first N bundled passages (0: all; for a quick check)")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense and hybrid rows")
+    ap.add_argument("--dense-model", default=None, help="encoder for the dense rows (default: the embedded all-MiniLM-L6-v2)")
+    ap.add_argument("--dense-faiss", default="flat", choices=["flat", "hnsw"])
     ap.add_argument("--reuse-builds", default=None, metavar="JSON",
                     help="skip builds whose index folder exists; take their build figures from this earlier --out")
     ap.add_argument("--out", default="results/retrieval.json")
@@ -322,10 +387,20 @@ def main(argv: list[str] | None = None) -> None:
     workdir = cache_root() / "bench-indexes"
     workdir.mkdir(parents=True, exist_ok=True)
     results, refs = [], []
+    DENSE.update(model=args.dense_model, faiss=args.dense_faiss)
+    recall = None
     if not args.no_bundled:
-        qs = [q["question"] for q in load_qa("hotpotqa")] + [q["question"] for q in load_qa("nq")]
-        results.append(bench_pair("bundled-22980", str(data_path(BUNDLED_PASSAGES)), qs[: args.queries], min(args.single, len(qs)),
-                                  args.ref_queries or 100, workdir, str(data_path(BUNDLED_PAGES))))
+        hotpot = load_qa("hotpotqa")
+        recall_qs = [(q["question"], q["supporting_titles"]) for q in hotpot]
+        qs = [q["question"] for q in hotpot] + [q["question"] for q in load_qa("nq")]
+        corpus, pages, name = str(data_path(BUNDLED_PASSAGES)), str(data_path(BUNDLED_PAGES)), "bundled-22980"
+        if args.bundled_limit:
+            corpus, pages, name = str(bundled_slice(args.bundled_limit, workdir)), None, f"bundled-first-{args.bundled_limit}"
+        results.append(bench_pair(name, corpus, qs[: args.queries], min(args.single, len(qs)), args.ref_queries or 100, workdir,
+                                  pages, recall_qs))
+        if not args.no_dense:
+            bench_dense(results[-1], corpus, qs[: args.queries], min(args.single, len(qs)), workdir, pages, recall_qs)
+        recall = results[-1]["backends"]["bm25s"]["title_recall"]
     big = None
     sizes = sorted(set(args.ref_sizes + ([args.size] if args.size else [])))
     if sizes:
@@ -343,10 +418,7 @@ def main(argv: list[str] | None = None) -> None:
             big = {"corpus": f"synthetic-{args.size}", "passages": fast["passages"], "backends": {"bm25s": fast}}
             results.append(big)
     proj = projections(big, refs, args.project) if big and refs else None
-    recall = title_recall() if not args.no_bundled else None
     print_table(results, proj)
-    if recall:
-        print("HotpotQA subset supporting-title recall (question as query, bm25s): " + ", ".join(f"{k} {v:.3f}" for k, v in recall.items()))
     if sizes:
         print(f"synthetic corpus generation (or cache hit) for {max(sizes):,} passages: {gen_s:.0f} s")
     load_after = os.getloadavg()

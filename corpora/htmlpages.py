@@ -104,8 +104,9 @@ def _flush(lines: list[str], current: list[str]) -> None:
     current.clear()
 
 
-def html_to_page(markup: str | bytes, fallback_title: str = "") -> tuple[str, str]:
-    """HTML -> (title, plain text); see the module docstring for what is dropped."""
+def html_to_page(markup: str | bytes, fallback_title: str = "", drop_tags: Sequence[str] = DROP_TAGS) -> tuple[str, str]:
+    """HTML -> (title, plain text); see the module docstring for what is dropped (``drop_tags``:
+    ``corpora.web`` drops page chrome such as ``<header>`` and ``<aside>`` too, and keeps tables)."""
     soup = BeautifulSoup(markup, "html.parser")
     title = ""
     if soup.title and soup.title.get_text(strip=True):
@@ -113,7 +114,7 @@ def html_to_page(markup: str | bytes, fallback_title: str = "") -> tuple[str, st
     if not title:
         h1 = soup.find("h1")
         title = _SPACES.sub(" ", h1.get_text()).strip() if h1 else ""
-    for tag in soup.find_all(DROP_TAGS):
+    for tag in soup.find_all(list(drop_tags)):
         tag.decompose()
     lines: list[str] = []
     current: list[str] = []

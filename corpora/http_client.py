@@ -240,6 +240,29 @@ class HttpRetriever:
         detail = "; ".join(f"{u}: {e}" for u, e in errors.items())
         raise RetrievalError(f"no retrieval server answered /page: {detail}")
 
+    def passages_by_title(self, titles: Sequence[str]) -> dict[str, list[str]]:
+        """``POST /passages``: the texts of every passage of each title, in corpus order (the
+        server's index order, as an in-process index gives them). Unknown titles map to []."""
+        errors: dict[str, str] = {}
+        for url in self._order():
+            base = url[: -len("/retrieve")]
+            try:
+                r = self.session.post(base + "/passages", json={"titles": list(titles)}, timeout=self.timeout)
+            except requests.RequestException as exc:
+                errors[url] = f"{type(exc).__name__}: {exc}"
+                self._mark_down(url, errors[url])
+                continue
+            if r.status_code in RETRYABLE_STATUS:
+                errors[url] = f"HTTP {r.status_code}: {_message(r)}"
+                self._mark_down(url, errors[url])
+                continue
+            if r.status_code != 200:
+                raise ValueError(f"retrieval server {base} rejected the passages request (HTTP {r.status_code}): {_message(r)}")
+            got = r.json()["passages"]
+            return {t: [parse_contents(str(d["contents"]))[1] for d in got.get(t, [])] for t in titles}
+        detail = "; ".join(f"{u}: {e}" for u, e in errors.items())
+        raise RetrievalError(f"no retrieval server answered /passages: {detail}")
+
     def health(self) -> dict[str, dict]:
         """``GET /health`` of every replica (an ``{"error": ...}`` entry for those that fail)."""
         out = {}

@@ -4,9 +4,14 @@ A spec is a string, so envs stay picklable and configs stay plain:
 
 * ``"bundled"``: the packaged 22,980-passage Wikipedia corpus, indexed on first use into the
   user cache (``common.files``) with a progress bar, then reused (loads in well under 1 s);
-* a folder made by ``python -m corpora.build``;
+* a folder made by ``python -m corpora.build``: BM25, dense or hybrid, as its ``meta.json``
+  ``"kind"`` says (:data:`OPENERS`);
 * a corpus file (JSONL / Search-R1 JSONL / DPR TSV): indexed into the cache on first use;
 * ``http://host:port`` (or several, comma-separated): a Search-R1-compatible retrieval server.
+
+``backend`` names the BM25 backend (``bm25s``, ``rank_bm25``), or ``dense`` / ``hybrid``: a
+dense folder opens as that kind, and ``"bundled"`` or a corpus file is indexed densely (with
+the embedded all-MiniLM-L6-v2; minutes of encoding on a CPU, once) into the cache.
 """
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ from pathlib import Path
 
 from common.files import cache_root, file_lock
 from corpora.corpus import BUNDLED_PAGES, BUNDLED_PASSAGES, data_path
-from corpora.index import INDEX_FORMAT, BM25Index, BM25Params, Retriever, build_index
+from corpora.dense import DENSE_KINDS, build_dense_index, index_kind
+from corpora.encoder import DEFAULT_ENCODER
+from corpora.index import BACKENDS, INDEX_FORMAT, BM25Index, BM25Params, Retriever, build_index
 from corpora.tokenize import TOKENIZER_VERSION
 
 BUNDLED = "bundled"
@@ -34,7 +41,8 @@ def _file_fingerprint(path: Path) -> str:
 
 def cached_index_dir(corpus: Path, backends: tuple[str, ...], pages: Path | None = None) -> Path:
     """Build (once, under a lock) and return the cache folder indexing ``corpus``."""
-    tag = "-".join(backends)
+    kind = backends[0] if backends[0] in DENSE_KINDS else None
+    tag = f"{kind}-{DEFAULT_ENCODER}" if kind else "-".join(backends)
     fp = _file_fingerprint(corpus)
     name = f"{corpus.name.split('.')[0]}-{fp}-{tag}-f{INDEX_FORMAT}"
     out = cache_root() / "indexes" / name
@@ -43,8 +51,11 @@ def cached_index_dir(corpus: Path, backends: tuple[str, ...], pages: Path | None
     with file_lock(out.parent / f"{name}.lock"):
         if not (out / "meta.json").exists():
             total = BUNDLED_NUM_PASSAGES if corpus == data_path(BUNDLED_PASSAGES) else None
-            print(f"[corpora] building the BM25 index for {corpus.name} into {out} (once)")
-            build_index(corpus, out, backends=backends, params=BM25Params(), total=total, pages=pages)
+            print(f"[corpora] building the {kind or 'BM25'} index for {corpus.name} into {out} (once)")
+            if kind:
+                build_dense_index(corpus, out, kind=kind, bm25_params=BM25Params(), total=total, pages=pages)
+            else:
+                build_index(corpus, out, backends=backends, params=BM25Params(), total=total, pages=pages)
     return out
 
 
@@ -65,6 +76,36 @@ def resolve_index_dir(spec: str, backend: str = "bm25s") -> Path:
     )
 
 
+def _open_bm25(folder: Path, backend: str) -> Retriever:
+    return BM25Index(folder, backend=backend)
+
+
+def _open_dense(folder: Path, backend: str) -> Retriever:
+    from corpora.dense import DenseIndex
+
+    return DenseIndex(folder)
+
+
+def _open_hybrid(folder: Path, backend: str) -> Retriever:
+    from corpora.hybrid import HybridIndex
+
+    return HybridIndex(folder, backend=backend if backend in BACKENDS else "bm25s")
+
+
+# meta.json "kind" -> how to open such a folder
+OPENERS = {"bm25": _open_bm25, "dense": _open_dense, "hybrid": _open_hybrid}
+
+
+def open_index(folder: str | Path, backend: str = "bm25s") -> Retriever:
+    """Load an index folder as its ``meta.json`` ``"kind"`` says; ``backend`` ``dense`` or
+    ``hybrid`` opens a dense folder as that kind, otherwise it names the BM25 backend."""
+    folder = Path(folder)
+    kind = backend if backend in DENSE_KINDS else index_kind(folder)
+    if kind not in OPENERS:
+        raise ValueError(f"{folder}: unknown index kind {kind!r}; known: {list(OPENERS)}")
+    return OPENERS[kind](folder, backend)
+
+
 def get_retriever(spec: str = BUNDLED, backend: str = "bm25s") -> Retriever:
     """The process-wide retriever for ``spec`` (loaded once, shared by every env in the process)."""
     key = (spec, backend)
@@ -75,5 +116,5 @@ def get_retriever(spec: str = BUNDLED, backend: str = "bm25s") -> Retriever:
 
                 _loaded[key] = HttpRetriever([u.strip() for u in spec.split(",") if u.strip()])
             else:
-                _loaded[key] = BM25Index(resolve_index_dir(spec, backend), backend=backend)
+                _loaded[key] = open_index(resolve_index_dir(spec, backend), backend)
         return _loaded[key]

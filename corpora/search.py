@@ -29,12 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m corpora.search", description=__doc__.split("\n\n")[0])
     ap.add_argument("queries", nargs="+")
     ap.add_argument("--index", default="bundled")
-    ap.add_argument("--backend", default="bm25s", choices=BACKENDS)
+    ap.add_argument("--backend", default="bm25s", choices=[*BACKENDS, "dense", "hybrid"])
     ap.add_argument("-k", type=int, default=5)
     args = ap.parse_args(argv)
     try:
         retriever = get_retriever(args.index, args.backend)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()

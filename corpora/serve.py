@@ -2,7 +2,8 @@
 
     python -m corpora.serve --index DIR --host 127.0.0.1 --port 8000
 
-``--index`` takes an index folder, a corpus file or ``bundled`` (``corpora.retrievers``).
+``--index`` takes an index folder (BM25, dense or hybrid, by its ``meta.json`` ``kind``), a corpus
+file or ``bundled`` (``corpora.retrievers``).
 
 ## API
 ``POST /retrieve`` with ``{"queries": [str, ...], "topk": k, "return_scores": bool}`` (``topk``
@@ -16,6 +17,9 @@ size, uptime, request counts by status, batch statistics and recent latencies.
 (``corpora.pages``: full pages where the index has them, else the title's passages), with the
 same forgiving title lookup as the env's ``browse`` (URLs, underscores, case); an unknown title
 is a 404 ``{"error", "suggestions": [titles of the best BM25 hits]}``.
+``POST /passages`` with ``{"titles": [str, ...]}`` answers ``{"passages": {title: [{"id",
+"contents"}, ...]}}``: every passage of each title in corpus order (an unknown title: ``[]``), so
+``WebQAEnv.privileged()`` over HTTP gives an opsd teacher the same gold passages as in process.
 Errors are JSON ``{"error": message}``: 400 for malformed JSON, wrong fields or a ``topk``,
 query or query count over the limits; 413 for a body over ``--max-body-bytes`` or more results
 than ``--max-results``; 411 without a ``Content-Length``; 408 for a request that did not arrive
@@ -120,10 +124,9 @@ def load_retriever(spec: str, backend: str = "bm25s"):
     """An in-process retriever for ``spec`` (index folder, corpus file or ``bundled``)."""
     if spec.startswith(("http://", "https://")):
         raise ValueError("--index must be an index folder, a corpus file or 'bundled', not a URL")
-    from corpora.index import BM25Index
-    from corpora.retrievers import resolve_index_dir
+    from corpora.retrievers import open_index, resolve_index_dir
 
-    return BM25Index(resolve_index_dir(spec, backend), backend=backend)
+    return open_index(resolve_index_dir(spec, backend), backend)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -134,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
                "connection by --idle-timeout and --read-timeout (408, then closed), the connection count by "
                "--max-connections (503 beyond it), the wait for the index by --request-timeout (503).")
     ap.add_argument("--index", default="bundled", help="index folder, corpus file, or 'bundled'")
-    ap.add_argument("--backend", default="bm25s", choices=["bm25s", "rank_bm25"])
+    ap.add_argument("--backend", default="bm25s", choices=["bm25s", "rank_bm25", "dense", "hybrid"],
+                    help="BM25 backend, or dense/hybrid to open a dense folder as that kind (default: the folder's kind)")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--topk", type=int, default=Limits.default_topk, help="topk when a request gives none (default %(default)s)")
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         retriever = load_retriever(args.index, args.backend)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, ImportError) as exc:
         log.error("%s", exc)
         return 2
     retriever.search(["warm up"], k=limits.default_topk)  # load numba kernels before the first client
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_on_signals(server, log, "finishing")
     threading.Thread(target=_summary_loop, args=(server, args.log_every), daemon=True).start()
     host, port = server.server_address[:2]
-    log.info("serving %s passages from %s on http://%s:%d (POST /retrieve, POST /page, GET /health); loaded in %.1f s",
+    log.info("serving %s passages from %s on http://%s:%d (POST /retrieve, POST /page, POST /passages, GET /health); loaded in %.1f s",
              f"{len(retriever):,}", index_name, host, port, time.perf_counter() - t0)
     server.serve_forever(poll_interval=0.1)
     server.close_gracefully(args.grace)

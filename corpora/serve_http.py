@@ -118,7 +118,7 @@ class RetrievalServer(GuardedServer):
 
 class RetrievalHandler(GuardedHandler):
     server_version = "corpora-serve/1"
-    routes = {"/retrieve": ("POST",), "/page": ("GET", "POST"), "/health": ("GET",)}
+    routes = {"/retrieve": ("POST",), "/page": ("GET", "POST"), "/passages": ("POST",), "/health": ("GET",)}
     server: RetrievalServer
 
     def _send_json(self, status: int, obj: dict) -> None:
@@ -145,6 +145,8 @@ class RetrievalHandler(GuardedHandler):
                 status = self.status_sent
             elif path == "/page":
                 status = self._page_post()
+            elif path == "/passages":
+                status = self._passages()
             else:
                 status, n = self._retrieve()
         finally:
@@ -200,6 +202,36 @@ class RetrievalHandler(GuardedHandler):
             self._error(400, 'a /page body is JSON {"title": str}')
             return 400
         return self._page(title)
+
+    def _passages(self) -> int:
+        """``POST /passages`` ``{"titles": [str, ...]}``: every passage of each title, in corpus
+        order (what ``WebQAEnv.privileged()`` gives in process: an opsd teacher's gold passages)."""
+        limits = self.server.limits
+        body = self.read_body(limits.max_body_bytes)
+        if isinstance(body, int):
+            return body
+        usage = 'a /passages body is JSON {"titles": [str, ...]}'
+        try:
+            req = guarded_loads(body, max_bytes=limits.max_body_bytes, max_depth=JSON_DEPTH)
+        except JSONGuardError as exc:
+            self._error(400, f"{usage}: {exc}")
+            return 400
+        titles = req.get("titles") if isinstance(req, dict) else None
+        if not isinstance(titles, list) or not all(isinstance(t, str) for t in titles):
+            self._error(400, usage)
+            return 400
+        if len(titles) > limits.max_queries:
+            self._error(413, f"too many titles: {len(titles)} > {limits.max_queries} per request")
+            return 413
+        retriever = self.server.retriever
+        index = getattr(retriever, "titles", None)
+        if index is None:
+            self._error(501, "this server's retriever has no title index")
+            return 501
+        found = {t: [{"id": retriever.docs[i].id, "contents": retriever.docs[i].contents()} for i in index.get(t, [])]
+                 for t in titles}
+        self._send_json(200, {"passages": found})
+        return 200
 
     def _page(self, title: str) -> int:
         store = self.server.pages

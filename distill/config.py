@@ -139,6 +139,12 @@ def _one_of(*xs: str) -> tuple[str, Callable[[Any], bool]]:
     return "one of " + ", ".join(xs), lambda v: v in xs
 
 
+def _url_list(v: str) -> bool:
+    """One http(s) URL, or several separated by commas, none twice."""
+    urls = [u.strip().rstrip("/") for u in v.split(",")]
+    return all(re.fullmatch(r"https?://[^\s/,]+(/\S*)?", u) for u in urls) and len(set(urls)) == len(urls)
+
+
 RULES: tuple[Rule, ...] = (
     Rule("steps", *_at_least(1)),
     Rule("questions_per_step", *_at_least(1)),
@@ -173,12 +179,14 @@ RULES: tuple[Rule, ...] = (
     Rule("model.lora_dropout", "a number in [0, 1)", lambda v: 0 <= v < 1),
     Rule("model.tiny_hidden", *_at_least(1)),
     Rule("model.tiny_layers", *_at_least(1)),
-    Rule("teacher.url", "the http:// or https:// base URL of an OpenAI-compatible server (teacher=http requires it)",
-         lambda v: bool(re.fullmatch(r"https?://[^\s/]+(/\S*)?", v)), when=lambda c: c.teacher.kind == "http"),
+    Rule("teacher.url", "the http:// or https:// base URL of an OpenAI-compatible server, or several separated by "
+         "commas, each once (a pool serving the same model; teacher=http requires one)",
+         lambda v: _url_list(v), when=lambda c: c.teacher.kind == "http"),
     Rule("teacher.dtype", *_one_of(*DTYPES)),
     Rule("teacher.timeout", *_positive()),
     Rule("teacher.retries", *_at_least(0)),
     Rule("teacher.concurrency", *_at_least(1)),
+    Rule("teacher.down_seconds", *_positive()),
     Rule("teacher.batch_size", *_at_least(1)),
 )
 
@@ -245,8 +253,14 @@ def _teacher_keys_forced(overrides: list[str]) -> list[str]:
     """``teacher.<key>=v`` as Hydra's add-or-override ``++teacher.<key>=v``. A teacher preset holds
     only its backend's keys (``teacher=auto`` holds just ``kind``), so Hydra's struct mode would
     refuse e.g. ``teacher.name=`` under ``teacher=auto`` with a message that cannot name the
-    backend; ``_teacher`` checks every key against the chosen backend's dataclass instead."""
-    return [f"++{o}" if re.match(r"teacher\.\w+=", o) else o for o in overrides]
+    backend; ``_teacher`` checks every key against the chosen backend's dataclass instead.
+    ``teacher.url=URL1,URL2`` (a teacher pool) is quoted, so Hydra reads one string, not a sweep."""
+    out = []
+    for o in overrides:
+        if re.match(r"teacher\.url=[^\[\'\"].*,", o) and "'" not in o:
+            o = "teacher.url='" + o.split("=", 1)[1] + "'"
+        out.append(f"++{o}" if re.match(r"teacher\.\w+=", o) else o)
+    return out
 
 
 def resolve(overrides: list[str]) -> tuple[TrainConfig, Any]:
@@ -308,6 +322,8 @@ def _teacher(raw: dict, method, model_name: str):
     """The ``teacher`` node as its backend's config dataclass (a row of ``distill.teachers.BACKENDS``);
     a key that backend does not have fails with its name and the backend's keys."""
     raw = dict(raw)
+    if OmegaConf.is_list(raw.get("url")) or isinstance(raw.get("url"), (list, tuple)):
+        raw["url"] = ",".join(str(u) for u in raw["url"])  # a teacher pool as a list: its comma-separated form
     kind = raw.get("kind", "auto")
     if kind not in TEACHER_KINDS:
         raise ConfigError(f"teacher.kind: one of {', '.join(TEACHER_KINDS)}, got {_show(kind)}")

@@ -13,6 +13,10 @@ Writes to ``output_dir`` (default ``runs/<env>-<method>-<model>``): ``config.yam
 ``resume=true`` continues the run in ``output_dir`` from its last checkpoint; ``resume=DIR``
 continues the run in DIR with its saved config (``key=value`` overrides still apply).
 ``--cfg`` prints the resolved config and exits.
+
+Data-parallel: ``torchrun --nproc_per_node=N -m distill.run ...`` (``--nnodes`` for several
+machines, the same code; ``distill/dist.py``): each rank rolls out its share of a step's
+questions, the gradients are summed over ranks, rank 0 writes.
 """
 from __future__ import annotations
 
@@ -73,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {run_dir} already holds a run; pass resume=true to continue it, overwrite=true to start "
               f"afresh there, or output_dir=... for a new one", file=sys.stderr)
         return 2
-    if cfg.overwrite and not resume_flag and run_dir.exists():
+    from distill import dist
+
+    main_rank = dist.is_main()  # under torchrun only rank 0 prints and clears the run directory
+    if cfg.overwrite and not resume_flag and run_dir.exists() and main_rank:
         import shutil
 
         shutil.rmtree(run_dir)
@@ -81,13 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("NUMBA_NUM_THREADS", str(cfg.threads))
     from distill.train import TrainingError, train
 
-    print(f"run directory: {run_dir}  (method {mcfg.name}, model {cfg.model.name}, teacher {cfg.teacher.kind}:{cfg.teacher.name})", flush=True)
+    if main_rank:
+        print(f"run directory: {run_dir}  (method {mcfg.name}, model {cfg.model.name}, teacher {cfg.teacher.kind}:{cfg.teacher.name})",
+              flush=True)
     try:
         result = train(cfg, mcfg, run_dir, resume_flag)
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    _print_summary(result)
+    if main_rank:
+        _print_summary(result)
     return 0
 
 

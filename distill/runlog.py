@@ -93,6 +93,11 @@ def metrics_line(step, trajs, sig, loss_sum, agg, rows, ent_sum, grad_norm, lr, 
     line.update({k: v / max(rows, 1) for k, v in agg.items()})
     for k, v in (getattr(teacher, "stats", None) or {}).items():
         line[f"teacher_{k}_total"] = v
+    pool = teacher.pool_stats() if hasattr(teacher, "pool_stats") else {}
+    if len(pool) > 1:  # a teacher pool: per endpoint, numbered in the order of teacher.url
+        for i, s in enumerate(pool.values()):
+            line.update({f"teacher_endpoint{i}_requests_total": s["requests"],
+                         f"teacher_endpoint{i}_failures_total": s["failures"], f"teacher_endpoint{i}_down": int(s["down"])})
     return line
 
 

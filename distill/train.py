@@ -27,7 +27,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,7 +39,7 @@ from agents.policy import SamplingParams
 from agents.rollout import Trajectory, rollout
 from common.files import atomic_write_json, atomic_write_text
 from distill import checkpoint as ckpt
-from distill import runlog
+from distill import dist, runlog
 from distill.config import TrainConfig, to_yaml
 from distill.forward import checkpointed, checkpointing_layers, num_layers
 from distill.losses import entropy
@@ -171,6 +171,8 @@ class Run:
     writer: Any
     wandb: Any
     anon: Any
+    rank: int = 0  # torchrun: this process's rank (distill/dist.py); rank 0 alone writes
+    size: int = 1
 
     @property
     def metrics_path(self) -> Path:
@@ -180,20 +182,23 @@ class Run:
 def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
     """Held-out eval, ``cfg.steps`` steps (from the last checkpoint when resuming), held-out eval."""
     run = setup(cfg, mcfg, run_dir, resume)
-    if run.start == 0 and cfg.eval.before and not (run_dir / "eval_before.json").exists():
+    if run.start == 0 and cfg.eval.before and run.rank == 0 and not (run_dir / "eval_before.json").exists():
         runlog.write_eval(run_dir, "before", *evaluate(run.policy, run.make_eval_env, run.eval_ids, cfg, "before"))
-    bar = runlog.progress(cfg, run.start)
+    dist.barrier()
+    bar = runlog.progress(cfg, run.start) if run.rank == 0 else runlog.progress(replace(cfg, progress=False), run.start)
     empty = 0  # steps in a row whose every trajectory was dropped (teacher failures)
     for step in range(run.start, cfg.steps):
         line, sig = train_step(run, step, bar)
-        empty = empty + 1 if all(a is None for a in sig.advantages) else 0
+        kept = dist.all_sum(sum(a is not None for a in sig.advantages))
+        empty = empty + 1 if kept == 0 else 0
         if empty >= cfg.max_empty_steps:
             bar.close()
             raise TrainingError(f"{empty} steps in a row dropped every trajectory, so nothing trained (last step: "
                                 f"teacher_failed {line.get('teacher_failed', 0):.0f}, unparseable "
                                 f"{line.get('teacher_unparseable', 0):.0f}); see {run.metrics_path}")
         bar.update(1)
-        bar.set_postfix_str(runlog.postfix(line))
+        if run.rank == 0:
+            bar.set_postfix_str(runlog.postfix(line))
     bar.close()
     return finish(run)
 
@@ -202,6 +207,9 @@ def setup(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> Run:
     """Seeds, student, teacher (checked), optimizer, envs and questions, and the resumed state."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    rank, size = dist.init(cfg.model.device)
+    if size > 1 and cfg.questions_per_step < size:
+        raise ValueError(f"questions_per_step ({cfg.questions_per_step}) must be at least the number of ranks ({size})")
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -239,15 +247,18 @@ def setup(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> Run:
     if last is not None:
         state = ckpt.load(last, model, optimizer, scheduler)
         start, method_state = int(state["step"]), state["method_state"]
-        history = ckpt.repair_metrics(metrics_path, start, state["metrics"])
-    elif metrics_path.exists():
+        if rank == 0:
+            history = ckpt.repair_metrics(metrics_path, start, state["metrics"])
+    elif metrics_path.exists() and rank == 0:
         metrics_path.unlink()
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg, mcfg))
+    if rank == 0:
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg, mcfg))
+    dist.barrier()
     return Run(cfg, mcfg, method, run_dir, model, TransformersPolicy(model, tok), teacher, reference, optimizer, scheduler,
                params, checkpointing_layers(model) if cfg.model.gradient_checkpointing else [],
                method.student_layers(mcfg, n_s, n_t), (n_s, n_t), make_env, make_eval_env, train_ids, eval_ids, start,
-               method_state, history, runlog.tensorboard(run_dir, cfg, start),
-               runlog.wandb_run(run_dir, cfg, mcfg) if cfg.wandb else None, anon)
+               method_state, history, runlog.tensorboard(run_dir, cfg, start) if rank == 0 else None,
+               runlog.wandb_run(run_dir, cfg, mcfg) if cfg.wandb and rank == 0 else None, anon, rank, size)
 
 
 def train_step(run: Run, step: int, bar) -> tuple[dict, Signal]:
@@ -258,7 +269,8 @@ def train_step(run: Run, step: int, bar) -> tuple[dict, Signal]:
     step_seed = cfg.seed * 1_000_003 + step
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, seed=step_seed)
     bar.set_description(f"step {step + 1}/{cfg.steps} rollout")
-    qids = step_questions(run.train_ids, step, cfg.questions_per_step, cfg.seed)
+    # this rank's share: whole groups, contiguous, so the ranks' trajectories in rank order are the step's
+    qids = dist.share(step_questions(run.train_ids, step, cfg.questions_per_step, cfg.seed), run.rank, run.size)
     roll = lambda pol, opts, g=1: rollout(  # noqa: E731
         pol, run.make_env, opts, g, sampling, cfg.env.max_tokens_per_turn or cfg.max_tokens_per_turn, cfg.max_total_tokens,
         seed=step_seed, with_privileged=True)
@@ -278,9 +290,19 @@ def train_step(run: Run, step: int, bar) -> tuple[dict, Signal]:
     upd = update(run, samples)
     t_end = time.perf_counter()
 
-    line = runlog.metrics_line(step + 1, trajs, sig, upd["loss"], upd["agg"], upd["rows"], upd["entropy_sum"], upd["grad_norm"],
-                               run.scheduler.get_last_lr()[0], len(samples), (t_start, t_roll, t_teacher, t_end), run.teacher, run.anon)
-    line["logprob_drift"] = upd["drift"]  # mean |learner - sampler| log-prob, student tokens
+    parts = dist.gather((trajs, sig.metrics, len(samples), upd))  # every rank's, in rank order
+    if run.rank != 0:
+        return {"step": step + 1}, sig
+    trajs = [t for p in parts for t in p[0]]
+    merged = replace(sig, metrics=dist.merge_metrics([(p[1], len(p[0])) for p in parts]))
+    tot = lambda k: sum(p[3][k] for p in parts)  # noqa: E731
+    agg = {k: sum(p[3]["agg"].get(k, 0.0) for p in parts) for k in {k for p in parts for k in p[3]["agg"]}}
+    line = runlog.metrics_line(step + 1, trajs, merged, tot("loss"), agg, tot("rows"), tot("entropy_sum"), upd["grad_norm"],
+                               run.scheduler.get_last_lr()[0], sum(p[2] for p in parts), (t_start, t_roll, t_teacher, t_end),
+                               run.teacher, run.anon)
+    line["logprob_drift"] = tot("drift_sum") / max(tot("drift_n"), 1)  # mean |learner - sampler| log-prob, student tokens
+    if run.size > 1:
+        line["ranks"] = run.size
     runlog.write_trajectories(run.run_dir, step + 1, trajs)
     if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
         ckpt.save(run.run_dir, step + 1, run.model, run.optimizer, run.scheduler, run.method_state, line, cfg.keep_checkpoints)
@@ -296,7 +318,7 @@ def update(run: Run, samples: list[Sample]) -> dict:
     """One optimizer step over ``samples`` in micro-batches (gradient accumulation: every loss is a
     sum over agent tokens divided by the trained tokens of the whole step)."""
     cfg = run.cfg
-    denominator = sum(sum(s.weights) for s in samples)
+    denominator = dist.all_sum(sum(sum(s.weights) for s in samples))  # the global token mean (every rank's tokens)
     out = {"loss": 0.0, "agg": {}, "rows": 0, "entropy_sum": 0.0}
     drift_sum, drift_n = 0.0, 0
     run.optimizer.zero_grad(set_to_none=True)
@@ -317,18 +339,24 @@ def update(run: Run, samples: list[Sample]) -> dict:
             out["agg"][k] = out["agg"].get(k, 0.0) + v * n
         out["rows"] += n
         del mb, loss
-    out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)) if samples else 0.0
-    if samples:
+    trained = dist.all_sum(len(samples))
+    dist.all_reduce_grads(run.params)  # the ranks' partial sums -> the whole step's gradient, on every rank
+    out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)) if trained else 0.0
+    if trained:
         run.optimizer.step()
     run.scheduler.step()
     out["drift"] = drift_sum / max(drift_n, 1)
+    out["drift_sum"], out["drift_n"] = drift_sum, drift_n
     return out
 
 
 def finish(run: Run) -> dict:
     """Held-out eval after training, the final adapter, the plot and summary.json."""
     cfg, run_dir = run.cfg, run.run_dir
-    result = {"run_dir": str(run_dir), "steps": cfg.steps}
+    result = {"run_dir": str(run_dir), "steps": cfg.steps, "rank": run.rank}
+    if run.rank != 0:  # rank 0 evaluates and writes; the others wait for it
+        dist.shutdown()
+        return result
     if cfg.eval.after and not (run_dir / "eval_after.json").exists():
         runlog.write_eval(run_dir, "after", *evaluate(run.policy, run.make_eval_env, run.eval_ids, cfg, "after"))
     if hasattr(run.model, "save_pretrained"):
@@ -343,5 +371,6 @@ def finish(run: Run) -> dict:
         run.writer.close()
     if run.wandb is not None:
         run.wandb.finish()
+    dist.shutdown()
     return result
 

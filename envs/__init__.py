@@ -28,6 +28,8 @@ REGISTRY: dict[str, tuple[str, str | None, dict]] = {
     "WebQA-Bamboogle-v0": (WEBQA, WEBQA_VECTOR, {"dataset": "bamboogle"}),
     "WebQA-ToolCall-v0": (WEBQA, WEBQA_VECTOR, {"protocol": "tool_call"}),
     "WebQA-F1-v0": (WEBQA, WEBQA_VECTOR, {"reward": "f1"}),
+    "WebQA-Web-v0": (WEBQA, WEBQA_VECTOR, {"pages": "web"}),  # <browse>URL</browse> reads live pages (SSRF-guarded)
+    "WebQA-SearchR1-v0": (WEBQA, WEBQA_VECTOR, {"obs_format": "search-r1"}),  # Search-R1's observation text, exactly
     "Math-v0": (MATH, None, {}),  # GSM8K test (1,319)
     "Math-GSM8K-v0": (MATH, None, {"dataset": "gsm8k"}),
     "Math-GSM8K-train-v0": (MATH, None, {"dataset": "gsm8k:train"}),  # 7,473 problems with solutions: training

@@ -16,6 +16,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from corpora.recording import ReplayMiss
 from envs.webqa import WebQAEnv
 
 
@@ -27,7 +28,17 @@ def batched_search(envs: Sequence, parsed: Sequence) -> dict[int, list]:
             groups.setdefault((id(envs[i].retriever), envs[i].top_k), []).append(i)
     hits: dict[int, list] = {}
     for (_, k), idx in groups.items():
-        for i, h in zip(idx, envs[idx[0]].retriever.search([parsed[i].arg for i in idx], k=k)):
+        retriever = envs[idx[0]].retriever
+        try:
+            rows = retriever.search([parsed[i].arg for i in idx], k=k)
+        except ReplayMiss:  # a replay that lacks some of them: each query on its own, misses marked
+            rows = []
+            for i in idx:
+                try:
+                    rows.append(retriever.search([parsed[i].arg], k=k)[0])
+                except ReplayMiss as exc:
+                    rows.append(exc)
+        for i, h in zip(idx, rows):
             hits[i] = h
     return hits
 
@@ -39,7 +50,8 @@ def step_envs(envs: Sequence, actions: Sequence[str]) -> list[tuple]:
     base = [getattr(e, "unwrapped", e) for e in envs]
     parsed = [b.parse(a) if hasattr(b, "parse") and hasattr(b, "prefetch") else None for b, a in zip(base, actions)]
     for i, hits in batched_search(base, parsed).items():
-        base[i].prefetch(parsed[i].arg, hits)
+        if not isinstance(hits, ReplayMiss):  # a miss: the env's own step reports it
+            base[i].prefetch(parsed[i].arg, hits)
     return [env.step(a) for env, a in zip(envs, actions)]
 
 
@@ -86,7 +98,9 @@ class WebQAVectorEnv(VectorEnv):
                 o, info = env.reset()
                 self._needs_reset[i] = False
             else:
-                o, rewards[i], terms[i], truncs[i], info = env.apply(parsed[i], hits_by_env.get(i), actions[i])
+                got = hits_by_env.get(i)
+                miss = str(got) if isinstance(got, ReplayMiss) else ""
+                o, rewards[i], terms[i], truncs[i], info = env.apply(parsed[i], None if miss else got, actions[i], miss=miss)
                 self._needs_reset[i] = terms[i] or truncs[i]
             obs.append(o)
             infos = self._add_info(infos, info, i)

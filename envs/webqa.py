@@ -39,7 +39,24 @@ observation says the turn limit was reached. ``info`` at the end carries ``answe
 folder, a corpus file or ``http://`` URLs, ``corpora.retrievers``), ``backend`` (``bm25s`` or
 ``rank_bm25``), ``top_k=3``, ``max_turns=4``, ``reward="em"``, ``format_penalty=0.0``,
 ``protocol="tags"``, ``browse_words=300``, ``passage_chars=1500`` (per passage in an
-observation), ``limit`` (first N questions only), ``prompt_template`` (with ``{question}``).
+observation), ``limit`` (first N questions only), ``prompt_template`` (with ``{question}``),
+``record`` / ``replay`` (a JSONL path: record every retrieval, browse and gold-passage lookup
+with its result, or serve them from such a recording with no index or network;
+``corpora/recording.py``; a replay miss is an ``Error: replay miss ...`` observation, counted in
+``info["replay_misses"]``),
+``obs_format`` (``"default"``, or ``"search-r1"``: search results rendered exactly as
+Search-R1's client renders them, ``Doc 1(Title: "T") text``, uncut; for evaluating Search-R1
+checkpoints on the observations they were trained on).
+
+``pages`` (``"local"``, default: browse the index's page store; ``"web"``: a URL inside
+``<browse>`` is fetched live through the SSRF guard of ``corpora/web.py`` and windowed like a
+stored page, while titles and search stay local), with the guard's ``web_allow_hosts`` (host
+allowlist, None = any public host), ``web_max_bytes=2_000_000``, ``web_timeout=10.0`` (seconds,
+whole fetch), ``web_max_redirects=5`` and, for tests only, ``web_test_only_allow`` (exact
+``"ip:port"`` addresses the address rules let through). A URL the guard refuses is an
+``Error: ...`` observation counted in ``info["refused_urls"]``; a fetch that fails (DNS,
+connection, HTTP status, time) is counted in ``info["fetch_errors"]``; neither is an invalid
+action. Both counters are in ``info`` only with ``pages="web"``.
 
 ## Version history
 * v0: first release.
@@ -53,12 +70,32 @@ import gymnasium as gym
 from corpora.index import Hit
 from corpora.pages import PageStore, clean_title, window
 from corpora.qa import load_qa
+from corpora.recording import ReplayMiss, recording_retriever, replay_retriever
 from corpora.retrievers import get_retriever
+from corpora.web import (DEFAULT_MAX_BYTES, DEFAULT_MAX_REDIRECTS, DEFAULT_TIMEOUT, WebFetcher, WebFetchError,
+                         WebRefused, looks_like_url)
 from envs.actions import MAX_ACTION_CHARS, PROTOCOLS, TOOL_SCHEMAS, Action, parse_action
 from envs.grading import DEFAULT_COVER_EM_MAX_TOKENS, REWARD_METRICS, grade
 from envs.spaces import AnyText
 
 MAX_OBS_CHARS = 32_000
+PAGE_SOURCES = ("local", "web")
+WEB_CACHE_PAGES = 16  # live pages kept per episode, so reading on does not fetch again
+OBS_FORMATS = ("default", "search-r1")
+
+
+def search_r1_observation(hits: Sequence[Hit]) -> str:
+    """Search-R1's observation of a search, character for character: each hit as
+    ``Doc i(Title: <the first line of its contents>) <the rest of its contents>`` and a newline
+    (the contents of wiki-18 being ``"Title"\ntext``, the title keeps its quotes), the lines
+    stripped as a whole and wrapped in ``\n\n<information>...</information>\n\n``
+    (``search_r1/llm_agent/generation.py``: ``_passages2string`` and ``execute_predictions``).
+    Passages are not cut; an empty result is an empty ``<information>`` block."""
+    lines = []
+    for i, h in enumerate(hits, 1):
+        first, _, rest = f'"{h.title}"\n{h.text}'.partition("\n")
+        lines.append(f"Doc {i}(Title: {first}) {rest}\n")
+    return "\n\n<information>" + "".join(lines).strip() + "</information>\n\n"
 _PAGE_STORES: dict[tuple[str, str], PageStore | None] = {}
 
 TAGS_PROMPT = (
@@ -98,6 +135,15 @@ class WebQAEnv(gym.Env[str, str]):
         limit: int | None = None,
         prompt_template: str | None = None,
         cover_em_max_tokens: int = DEFAULT_COVER_EM_MAX_TOKENS,
+        obs_format: str = "default",
+        record: str | None = None,
+        replay: str | None = None,
+        pages: str = "local",
+        web_allow_hosts: Sequence[str] | None = None,
+        web_max_bytes: int = DEFAULT_MAX_BYTES,
+        web_timeout: float = DEFAULT_TIMEOUT,
+        web_max_redirects: int = DEFAULT_MAX_REDIRECTS,
+        web_test_only_allow: Sequence[str] = (),
         render_mode: str | None = None,
     ):
         if reward not in REWARD_METRICS:
@@ -108,6 +154,20 @@ class WebQAEnv(gym.Env[str, str]):
             raise ValueError("top_k, max_turns and browse_words must be >= 1")
         if render_mode not in (None, "ansi"):
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
+        if obs_format not in OBS_FORMATS:
+            raise ValueError(f"obs_format must be one of {OBS_FORMATS}, got {obs_format!r}")
+        if obs_format == "search-r1" and protocol != "tags":
+            raise ValueError("obs_format='search-r1' renders Search-R1's tag protocol: use protocol='tags'")
+        self.obs_format = obs_format
+        if record and replay:
+            raise ValueError("record and replay exclude each other: record a run, then replay it")
+        self.record, self.replay = record or None, replay or None
+        if pages not in PAGE_SOURCES:
+            raise ValueError(f"pages must be one of {PAGE_SOURCES}, got {pages!r}")
+        self.page_source = pages  # (self.pages is the local page store)
+        self.web = WebFetcher(web_allow_hosts, web_max_bytes, web_timeout, web_max_redirects,
+                              test_only_allow=web_test_only_allow) if pages == "web" else None
+        self._web_cache: dict[str, Any] = {}
         self.dataset, self.retriever_spec, self.backend = dataset, retriever, backend
         self.top_k, self.max_turns, self.reward_metric = top_k, max_turns, reward
         self.format_penalty, self.protocol = float(format_penalty), protocol
@@ -134,13 +194,16 @@ class WebQAEnv(gym.Env[str, str]):
 
     @property
     def retriever(self):
-        return get_retriever(self.retriever_spec, self.backend)
+        if self.replay:  # the recorded results only: no index, no network
+            return replay_retriever(self.replay)
+        inner = get_retriever(self.retriever_spec, self.backend)
+        return recording_retriever(inner, self.record) if self.record else inner
 
     @property
     def pages(self) -> PageStore | None:
         """The page store of this env's index, shared per process (None over HTTP: browsing then
         asks the retrieval server's ``/page``)."""
-        key = (self.retriever_spec, self.backend)
+        key = (self.retriever_spec, self.backend, self.record, self.replay)
         if key not in _PAGE_STORES:
             r = self.retriever
             _PAGE_STORES[key] = PageStore(r) if hasattr(r, "titles") else None
@@ -149,6 +212,7 @@ class WebQAEnv(gym.Env[str, str]):
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_questions"] = None  # reloaded from the name/path; the index is never pickled
+        state["_web_cache"] = {}  # fetched live pages are not part of the env
         return state
 
     # -- Gymnasium API ------------------------------------------------------------------------
@@ -178,6 +242,9 @@ class WebQAEnv(gym.Env[str, str]):
         self._seen_titles: set[str] = set()
         self._retrieved_ids: list[str] = []
         self._answer: str | None = None
+        self._refused_urls = self._fetch_errors = 0
+        self._web_cache = {}
+        self._replay_misses = 0
         self._prefetched = None
         self._done = False
         prompt = self.prompt_template.format(question=ex["question"].strip(), max_turns=self.max_turns)
@@ -191,7 +258,10 @@ class WebQAEnv(gym.Env[str, str]):
         pre, self._prefetched = getattr(self, "_prefetched", None), None
         hits = None
         if parsed.kind == "search":
-            hits = pre[1] if pre is not None and pre[0] == parsed.arg else self.retriever.search([parsed.arg], k=self.top_k)[0]
+            try:
+                hits = pre[1] if pre is not None and pre[0] == parsed.arg else self.retriever.search([parsed.arg], k=self.top_k)[0]
+            except ReplayMiss as exc:
+                return self.apply(parsed, None, action, miss=str(exc))
         return self.apply(parsed, hits, action)
 
     def prefetch(self, query: str, hits: Sequence[Hit]) -> None:
@@ -205,7 +275,7 @@ class WebQAEnv(gym.Env[str, str]):
             raise RuntimeError("step() called on a finished episode: call reset() first")
         return parse_action(action, self.protocol)
 
-    def apply(self, act: Action, hits: Sequence[Hit] | None, raw_action: Any = "") -> tuple[str, float, bool, bool, dict]:
+    def apply(self, act: Action, hits: Sequence[Hit] | None, raw_action: Any = "", miss: str = "") -> tuple[str, float, bool, bool, dict]:
         self._turn += 1
         self._transcript.append(raw_action if isinstance(raw_action, str) else repr(raw_action))
         info: dict[str, Any] = {"turn": self._turn, "action": act.kind, "error": act.error or None}
@@ -214,7 +284,10 @@ class WebQAEnv(gym.Env[str, str]):
             obs = ""
             terminated, truncated = True, False
         else:
-            if act.kind == "search":
+            if miss:  # replay: the recording does not hold this call
+                self._replay_misses += 1
+                obs = self._wrap(f"Error: {miss}.")
+            elif act.kind == "search":
                 obs = self._render_search(act.arg, hits or [])
                 info["retrieved_ids"] = [h.doc_id for h in hits or []]
             elif act.kind == "browse":
@@ -226,9 +299,13 @@ class WebQAEnv(gym.Env[str, str]):
             truncated = self._turn >= self.max_turns
             if truncated:
                 obs += self._wrap(f"Turn limit of {self.max_turns} reached without an answer: the episode is over. You must answer within the turn limit.")
-            elif self._turn == self.max_turns - 1:
+            elif self._turn == self.max_turns - 1 and self.obs_format != "search-r1":  # Search-R1 never warns
                 obs += self._wrap("This is your last turn: you must answer now.")
         info["invalid_actions"] = self._invalid
+        if self.web is not None:
+            info["refused_urls"], info["fetch_errors"] = self._refused_urls, self._fetch_errors
+        if self.replay:
+            info["replay_misses"] = self._replay_misses
         reward = 0.0
         if terminated or truncated:
             self._done = True
@@ -254,6 +331,10 @@ class WebQAEnv(gym.Env[str, str]):
         if index_titles is not None:
             for t in titles:
                 passages.extend(self.retriever.docs[i].text for i in index_titles.get(t, []))
+        elif titles and hasattr(self.retriever, "passages_by_title"):  # a retrieval server's POST /passages
+            by_title = self.retriever.passages_by_title(titles)
+            for t in titles:
+                passages.extend(by_title.get(t, []))
         return {
             "question_id": ex["id"],
             "question": ex["question"],
@@ -274,6 +355,11 @@ class WebQAEnv(gym.Env[str, str]):
 
     def _render_search(self, query: str, hits: Sequence[Hit]) -> str:
         self._searches.append(query)
+        if self.obs_format == "search-r1":
+            for h in hits:
+                self._seen_titles.add(h.title)
+                self._retrieved_ids.append(h.doc_id)
+            return search_r1_observation(hits)
         if not hits:
             return self._wrap(f"No results for {query!r}. Try other keywords.")
         lines = []
@@ -286,12 +372,18 @@ class WebQAEnv(gym.Env[str, str]):
 
     def _render_browse(self, act: Action) -> str:
         self._browses.append(act.arg)
+        if self.web is not None and looks_like_url(act.arg):
+            return self._render_web(act)
         store = self.pages
         if store is not None:
             title = store.resolve(act.arg)
             found = (title, store.text(title)) if title is not None else store.suggest(act.arg)
-        elif hasattr(self.retriever, "page_or_suggestions"):  # a retrieval server's POST /page
-            found = self.retriever.page_or_suggestions(act.arg)
+        elif hasattr(self.retriever, "page_or_suggestions"):  # a retrieval server's POST /page (or a recording)
+            try:
+                found = self.retriever.page_or_suggestions(act.arg)
+            except ReplayMiss as exc:
+                self._replay_misses += 1
+                return self._wrap(f"Error: {exc}.")
         else:
             return self._wrap("Error: browsing is not available with this retriever.")
         if not isinstance(found, tuple):
@@ -304,6 +396,34 @@ class WebQAEnv(gym.Env[str, str]):
         nxt = ""
         if part < n_parts:
             how = f"<browse>{title}#{part + 1}</browse>" if self.protocol == "tags" else f'browse with "part": {part + 1}'
+            nxt = f"\n[To read on: {how}]"
+        return self._wrap(f"Page: {title} (part {part} of {n_parts})\n{text}{nxt}")
+
+    def _render_web(self, act: Action) -> str:
+        """A live page through the guard (``pages="web"``), windowed like a stored page."""
+        url = act.arg.strip()
+        page = self._web_cache.get(url)
+        if page is None:
+            try:
+                page = self.web.fetch(url)
+            except WebFetchError as e:
+                if isinstance(e, WebRefused):
+                    self._refused_urls += 1
+                else:
+                    self._fetch_errors += 1
+                return self._wrap(f"Error: cannot browse {url[:100]!r}: {e}.")
+            while len(self._web_cache) >= WEB_CACHE_PAGES:
+                self._web_cache.pop(next(iter(self._web_cache)))
+            self._web_cache[url] = self._web_cache[page.final_url] = page
+        if not page.text.strip():
+            return self._wrap(f"Error: the page at {page.final_url[:100]!r} has no text.")
+        title = page.title or page.final_url
+        self._seen_titles.add(title)
+        text, n_parts = window(page.text, act.part, self.browse_words)
+        part = min(act.part, n_parts)
+        nxt = ""
+        if part < n_parts:
+            how = f"<browse>{page.final_url}#{part + 1}</browse>" if self.protocol == "tags" else f'browse with "part": {part + 1}'
             nxt = f"\n[To read on: {how}]"
         return self._wrap(f"Page: {title} (part {part} of {n_parts})\n{text}{nxt}")
 

@@ -134,10 +134,10 @@ def _local(cfg: LocalTeacherConfig, *_):
 
 @dataclass
 class HttpTeacherConfig:
-    """Any OpenAI-compatible endpoint."""
+    """Any OpenAI-compatible endpoint, or a pool of them serving the same model (load spread, failover)."""
 
     kind: str = "http"
-    url: str = ""  # required: the server's base URL, e.g. http://127.0.0.1:8001/v1
+    url: str = ""  # required: the server's base URL, e.g. http://127.0.0.1:8001/v1; a pool: several, comma-separated
     name: str = ""  # the model field sent to the server ("" = none sent)
     tokenizer: str = ""  # the served model's tokenizer (needed for token-level methods)
     timeout: float = 60.0
@@ -145,6 +145,7 @@ class HttpTeacherConfig:
     concurrency: int = 8
     logprobs: bool = False  # the server returns prompt log-probs with echo
     api_key: str = ""
+    down_seconds: float = 30.0  # a pool skips an endpoint that failed for this long, then probes it again
 
 
 def _http(cfg: HttpTeacherConfig, *_):
@@ -156,7 +157,8 @@ def _http(cfg: HttpTeacherConfig, *_):
 
         tok = load_tokenizer(cfg.tokenizer)
     return HttpTeacher(cfg.url, model=cfg.name or None, tokenizer=tok, timeout=cfg.timeout, retries=cfg.retries,
-                       concurrency=cfg.concurrency, logprobs=cfg.logprobs, api_key=cfg.api_key or None)
+                       concurrency=cfg.concurrency, logprobs=cfg.logprobs, api_key=cfg.api_key or None,
+                       down_seconds=cfg.down_seconds)
 
 
 @dataclass

@@ -13,9 +13,25 @@ errors, timeouts, 429 and 5xx are retried with exponential backoff; when the ret
 the item comes back as ``None`` and is counted in ``stats`` - the caller drops it, it never
 becomes a score of 0. A 4xx other than 408/429 is a configuration error and raises with the
 server's message.
+
+## A pool of endpoints
+``url`` may name several endpoints serving the same model (a list, or one string with commas:
+``"http://h1:8001/v1,http://h2:8001/v1"``), as ``corpora.http_client.HttpRetriever`` does for
+retrieval replicas. Each request goes to the next endpoint in turn (round robin; ``concurrency``
+bounds the requests in flight over the whole pool). An endpoint that fails a request (connection
+refused or reset, timeout, 408, 429, 5xx, a body that is not JSON) is marked down for
+``down_seconds`` and the same request goes at once to the next endpoint that is up; endpoints
+marked down are skipped. When the cool-down is over, one request (only one) probes the endpoint:
+an answer marks it up, a failure marks it down again. Only when every endpoint is down is a
+request sent to the down ones too (any answer brings one back). A round that fails everywhere is
+repeated ``retries`` more times after a backoff, as for a single URL. ``pool_stats()`` counts
+requests and failures per endpoint; ``check()`` passes when at least one endpoint answers and
+marks the others down.
 """
 from __future__ import annotations
 
+import itertools
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,71 +40,153 @@ from typing import Sequence
 import requests
 from requests.adapters import HTTPAdapter
 
+log = logging.getLogger("distill.teachers.http")
+
 
 class TeacherRequestError(RuntimeError):
     pass
 
 
 class HttpTeacher:
-    def __init__(self, url: str, model: str | None = None, tokenizer=None, timeout: float = 30.0, retries: int = 2,
-                 backoff: float = 0.25, concurrency: int = 8, logprobs: bool = False, api_key: str | None = None,
-                 max_tokens: int = 8):
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"teacher url must start with http:// or https://, got {url!r}")
-        url = url.rstrip("/")
-        self.base = url if url.endswith("/v1") else url + "/v1"
-        self.model, self.tokenizer, self.name = model, tokenizer, url
+    def __init__(self, url: str | Sequence[str], model: str | None = None, tokenizer=None, timeout: float = 30.0,
+                 retries: int = 2, backoff: float = 0.25, concurrency: int = 8, logprobs: bool = False,
+                 api_key: str | None = None, max_tokens: int = 8, down_seconds: float = 30.0):
+        urls = [u.strip().rstrip("/") for u in (url.split(",") if isinstance(url, str) else url) if u.strip()]
+        if not urls:
+            raise ValueError(f"teacher url: one http:// or https:// URL or several separated by commas, got {url!r}")
+        for u in urls:
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"teacher url must start with http:// or https://, got {u!r}")
+        self.bases = [u if u.endswith("/v1") else u + "/v1" for u in urls]  # one per endpoint, in the order given
+        if len(set(self.bases)) < len(self.bases):
+            raise ValueError(f"teacher url names an endpoint twice: {url!r}")
+        self.base = self.bases[0]
+        self.model, self.tokenizer, self.name = model, tokenizer, ",".join(urls)
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
         self.concurrency, self.max_tokens = max(1, int(concurrency)), int(max_tokens)
+        self.down_seconds = float(down_seconds)
         self.capabilities = frozenset({"score", "score_distribution", "act"} | ({"logprobs"} if logprobs else set()))
         self.session = requests.Session()
-        self.session.mount("http://", HTTPAdapter(pool_connections=1, pool_maxsize=self.concurrency))
-        self.session.mount("https://", HTTPAdapter(pool_connections=1, pool_maxsize=self.concurrency))
+        adapter = HTTPAdapter(pool_connections=len(self.bases), pool_maxsize=self.concurrency)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
         self.stats = {"requests": 0, "errors": 0, "retries": 0, "timeouts": 0, "http_5xx": 0}
         self._lock = threading.Lock()
+        self._rr = itertools.count()
+        self._down_until = {b: 0.0 for b in self.bases}  # 0: up; else marked down, probed again after this time
+        self._pool = {b: {"requests": 0, "failures": 0, "last_error": ""} for b in self.bases}
 
-    def check(self) -> None:
-        """Raise ``TeacherRequestError`` (one line) when ``GET {url}/models`` gets no HTTP answer
-        at all, or is refused for its credentials (401/403). Any other answer means a server is
-        there (not every chat endpoint implements /models)."""
-        try:
-            r = self.session.get(self.base + "/models", timeout=min(self.timeout, 10.0))
-        except requests.RequestException as exc:
-            raise TeacherRequestError(f"teacher {self.base} cannot be reached: {type(exc).__name__}") from None
-        if r.status_code in (401, 403):
-            raise TeacherRequestError(f"teacher {self.base} refused the credentials ({r.status_code}): set teacher.api_key")
+    def check(self) -> list[str]:
+        """``GET {url}/models`` on every endpoint; any HTTP answer means a server is there (not
+        every chat endpoint implements /models). Raise ``TeacherRequestError`` (one line) when no
+        endpoint answers at all (naming each and why), or when one refuses the credentials
+        (401/403). Endpoints that do not answer are marked down (a warning each) and returned."""
+
+        def probe(base):
+            try:
+                r = self.session.get(base + "/models", timeout=min(self.timeout, 10.0))
+            except requests.RequestException as exc:
+                return type(exc).__name__
+            if r.status_code in (401, 403):
+                raise TeacherRequestError(f"teacher {base} refused the credentials ({r.status_code}): set teacher.api_key")
+            return None
+
+        why = dict(zip(self.bases, self._map(probe, self.bases)))
+        bad = [b for b in self.bases if why[b] is not None]
+        if len(bad) == len(self.bases) == 1:
+            raise TeacherRequestError(f"teacher {self.base} cannot be reached: {why[self.base]}")
+        if len(bad) == len(self.bases):
+            raise TeacherRequestError(f"teacher cannot be reached at any of its {len(bad)} endpoints: "
+                                      + "; ".join(f"{b} ({why[b]})" for b in bad))
+        for b in bad:
+            self._mark_down(b, f"{why[b]} at start-up")
+        return bad
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
             self.stats[key] += n
 
+    # -- the pool -------------------------------------------------------------------------------
+    def _order(self) -> list[str]:
+        """The endpoints one request tries, in order: round robin over those up, led by one whose
+        cool-down is over (this request is its probe: the others keep skipping it until the probe
+        answers); every endpoint, round robin, when all are down."""
+        with self._lock:
+            start = next(self._rr) % len(self.bases)
+            order = self.bases[start:] + self.bases[:start]
+            now = time.monotonic()
+            up = [b for b in order if not self._down_until[b]]
+            due = next((b for b in order if 0 < self._down_until[b] <= now), None)
+            if due is not None:
+                self._down_until[due] = now + self.down_seconds  # claimed: one probe per cool-down
+                up.insert(0, due)
+            return up or order
+
+    def _mark_down(self, base: str, why: str) -> None:
+        with self._lock:
+            was_up = not self._down_until[base]
+            self._down_until[base] = time.monotonic() + self.down_seconds
+            self._pool[base]["failures"] += 1
+            self._pool[base]["last_error"] = why
+        if was_up and len(self.bases) > 1:
+            log.warning("teacher endpoint %s is down, skipped for %.0f s: %s", base, self.down_seconds, why)
+
+    def _mark_up(self, base: str) -> None:
+        if self._down_until[base]:
+            with self._lock:
+                was_down, self._down_until[base] = bool(self._down_until[base]), 0.0
+            if was_down and len(self.bases) > 1:
+                log.warning("teacher endpoint %s is back", base)
+
+    def down(self) -> list[str]:
+        """The endpoints marked down now (skipped until a probe after their cool-down answers)."""
+        return [b for b in self.bases if self._down_until[b]]
+
+    def pool_stats(self) -> dict[str, dict]:
+        """Per endpoint, in the order of ``url``: requests sent, failed requests, whether it is
+        marked down, and its last failure."""
+        with self._lock:
+            return {b: {**self._pool[b], "down": bool(self._down_until[b])} for b in self.bases}
+
     def _post(self, path: str, body: dict) -> dict | None:
-        """POST with retries; the JSON reply, or None after the last failed attempt."""
-        url = self.base + path
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self._count("retries")
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            self._count("requests")
-            try:
-                r = self.session.post(url, json=body, timeout=self.timeout)
-            except requests.Timeout:
-                self._count("timeouts")
-                continue
-            except requests.ConnectionError:
-                continue
-            if r.status_code >= 500 or r.status_code in (408, 429):
-                if r.status_code >= 500:
-                    self._count("http_5xx")
-                continue
-            if r.status_code >= 400:
-                raise TeacherRequestError(f"teacher {url} answered {r.status_code}: {r.text[:300]}")
-            try:
-                return r.json()
-            except ValueError:
-                continue
+        """POST to the pool with failover and retries; the JSON reply, or None after the last
+        failed round."""
+        attempts = 0
+        for round_ in range(self.retries + 1):
+            if round_:
+                time.sleep(self.backoff * 2 ** (round_ - 1))
+            for base in self._order():
+                if attempts:
+                    self._count("retries")
+                attempts += 1
+                self._count("requests")
+                with self._lock:
+                    self._pool[base]["requests"] += 1
+                try:
+                    r = self.session.post(base + path, json=body, timeout=self.timeout)
+                except requests.Timeout as exc:
+                    self._count("timeouts")
+                    self._mark_down(base, type(exc).__name__)
+                    continue
+                except requests.ConnectionError as exc:
+                    self._mark_down(base, type(exc).__name__)
+                    continue
+                if r.status_code >= 500 or r.status_code in (408, 429):
+                    if r.status_code >= 500:
+                        self._count("http_5xx")
+                    self._mark_down(base, f"HTTP {r.status_code}")
+                    continue
+                if r.status_code >= 400:
+                    raise TeacherRequestError(f"teacher {base + path} answered {r.status_code}: {r.text[:300]}")
+                try:
+                    data = r.json()
+                except ValueError:
+                    self._mark_down(base, "a reply that is not JSON")
+                    continue
+                self._mark_up(base)
+                return data
         self._count("errors")
         return None
 

@@ -270,3 +270,55 @@ def test_webqa_browses_over_http_like_in_process(server):
         seen.append([env.step(a)[0] for a in actions])
     assert seen[0] == seen[1]
     assert "Page: Ed Wood (part " in seen[1][1] and "Did you mean:" in seen[1][2]
+
+
+def search_r1_reference(result_row: list[dict]) -> str:
+    """The observation Search-R1's client builds from one query's ``/retrieve`` result, written
+    out from its documented behaviour: per hit, ``Doc i(Title: <first line of contents>) <the
+    other lines>`` plus a newline; all of it stripped and wrapped in <information> tags with two
+    newlines on each side."""
+    text = ""
+    for i, item in enumerate(result_row):
+        lines = item["document"]["contents"].split("\n")
+        text += "Doc " + str(i + 1) + "(Title: " + lines[0] + ") " + "\n".join(lines[1:]) + "\n"
+    return "\n\n<information>" + text.strip() + "</information>\n\n"
+
+
+def test_search_r1_observation_format_is_byte_identical_over_a_real_server(server):
+    import gymnasium as gym
+
+    import envs  # noqa: F401
+
+    qs = questions(12) + ["Scott Derrickson", "Fuding", "zzzzqqqq xxyyzzq"]
+    env = gym.make("WebQA-SearchR1-v0", retriever=server.url, max_turns=30)
+    env.reset(seed=0)
+    for q in qs:
+        obs = env.step(f"<search>{q}</search>")[0]
+        assert obs == search_r1_reference(search_r1_call(server.url, [q], topk=3)[0])
+    assert obs == "\n\n<information></information>\n\n"  # no hit
+    assert 'Doc 1(Title: "' in env.step("<search>Scott Derrickson</search>")[0]
+
+
+def test_privileged_passages_over_http_are_those_in_process(server, index_dir):
+    """opsd's privileged context: WebQAEnv.privileged() over a retrieval server (POST /passages)
+    equals the in-process one, question by question."""
+    import gymnasium as gym
+
+    import envs  # noqa: F401
+
+    local, remote = gym.make("WebQA-v0").unwrapped, gym.make("WebQA-v0", retriever=server.url).unwrapped
+    n_passages = 0
+    for k in range(25):
+        local.reset(options={"index": k})
+        remote.reset(options={"index": k})
+        a, b = local.privileged(), remote.privileged()
+        assert a == b and a["supporting_titles"]
+        n_passages += len(a["supporting_passages"])
+    assert n_passages >= 50  # HotpotQA: two gold titles per question, each with its passages
+    r = requests.post(server.url + "/passages", json={"titles": ["Scott Derrickson", "No Such Title 123"]}, timeout=10)
+    body = r.json()["passages"]
+    assert r.status_code == 200 and body["No Such Title 123"] == [] and body["Scott Derrickson"][0]["contents"].startswith('"Scott Derrickson"\n')
+    bad = requests.post(server.url + "/passages", json={"titles": "Scott Derrickson"}, timeout=10)
+    assert bad.status_code == 400 and "titles" in bad.json()["error"]
+    many = requests.post(server.url + "/passages", json={"titles": ["t"] * 65}, timeout=10)  # --max-queries 64
+    assert many.status_code == 413
