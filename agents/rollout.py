@@ -95,6 +95,7 @@ def rollout(
 
     ``reset_options[i]`` is passed to ``env.reset(options=...)`` (e.g. ``{"question_id": ...}``
     or ``{"example": {...}}``); sample g of question i is at index ``i * group_size + g``.
+    The loop is here; what one episode does at each step is :class:`_Episodes`.
     """
     if schedule not in ("auto", "lockstep", "continuous"):
         raise ValueError(f"schedule must be auto, lockstep or continuous, not {schedule!r}")
@@ -103,46 +104,8 @@ def rollout(
     clear = getattr(policy, "clear_cache", None)  # a policy may keep KV caches between turns
     if clear:
         clear()
-    sched = None
-    if schedule != "lockstep" and hasattr(policy, "turn_scheduler"):
-        sched = policy.turn_scheduler(sampling)
-    if sched is None:
-        if schedule == "continuous":
-            raise ValueError(f"{type(policy).__name__} has no continuous schedule (use schedule=lockstep or auto)")
-        sched = Lockstep(policy, sampling)
-    envs: dict[int, gym.Env] = {}
-    trajs: list[Trajectory | None] = [None] * n
-    contexts: dict[int, dict] = {}
-    turn_cap = max_turns
-    t0 = time.perf_counter()
-
-    def submit(j: int) -> None:
-        tr = trajs[j]
-        room = max_total_tokens - len(tr.completion_ids)
-        sched.submit(j, tr.prompt_ids + tr.completion_ids, max(1, min(max_tokens_per_turn, room)), contexts[j])
-
-    def start(j: int) -> None:
-        nonlocal turn_cap
-        env = envs[j] = make_env()
-        opts = reset_options[j // group_size]
-        prompt, info = env.reset(seed=None if seed is None else seed + j, options=opts)
-        base = env.unwrapped
-        if turn_cap is None:
-            turn_cap = getattr(base, "max_turns", None) or 10**9
-        tools = base.tool_schemas() if getattr(base, "protocol", "tags") == "tool_call" else None
-        ids = policy.prompt_ids(prompt, tools=tools)
-        qid = str(info.get("question_id", opts.get("question_id", j // group_size)))
-        tr = trajs[j] = Trajectory(qid, str(info.get("question", "")), j % group_size, list(ids))
-        tr.info["prompt_text"] = prompt
-        tr.info["max_turns"] = info.get("max_turns", getattr(base, "max_turns", None))  # the env's turn limit
-        tr.info["turn_spans"] = []  # [start, end) of each turn's generated ids in completion_ids
-        # actions/observations: the episode's history so far (live lists; a chat teacher renders it)
-        ctx = contexts[j] = {"episode": j, "prompt": prompt, "info": info, "observation": prompt,
-                             "actions": tr.actions, "observations": tr.observations}
-        if with_privileged and hasattr(base, "privileged"):
-            ctx["privileged"] = tr.info["privileged"] = base.privileged()
-        submit(j)
-
+    eps = _Episodes(policy, _scheduler(policy, sampling, schedule), make_env, reset_options, group_size, seed,
+                    max_tokens_per_turn, max_total_tokens, max_turns, with_privileged)
     queue = list(range(n))[::-1]
     active: set[int] = set()
     finished = 0
@@ -150,65 +113,138 @@ def rollout(
         while queue and len(active) < slots:
             j = queue.pop()
             active.add(j)
-            start(j)
-        ended = sched.advance()
+            eps.start(j)
+        ended = eps.sched.advance()
         for j, c in ended:
-            tr = trajs[j]
-            room = max_total_tokens - len(tr.completion_ids)
-            ids, lps = c.token_ids[:room], c.logprobs[:room]
-            tr.info["turn_spans"].append([len(tr.completion_ids), len(tr.completion_ids) + len(ids)])
-            tr.completion_ids += ids
-            tr.loss_mask += [1] * len(ids)
-            per_token = c.extra.get("sources")  # a turn written partly by the student, partly by a teacher (ovd)
-            if per_token is not None:
-                tr.sources += list(per_token[: len(ids)])
-            else:
-                tr.sources += [SOURCE_TEACHER if c.extra.get("source") == "teacher" else SOURCE_STUDENT] * len(ids)
-            tr.logprobs += lps
-            tr.actions.append(c.text if len(ids) == len(c.token_ids) else policy.decode(ids))
-        results = step_envs([envs[j] for j, _ in ended], [trajs[j].actions[-1] for j, _ in ended])
+            eps.append_turn(j, c)
+        results = step_envs([eps.envs[j] for j, _ in ended], [eps.trajs[j].actions[-1] for j, _ in ended])
         for (j, _), (obs, reward, term, trunc, info) in zip(ended, results):
-            tr = trajs[j]
-            tr.observations.append(obs)
-            tr.invalid_actions = int(info.get("invalid_actions", tr.invalid_actions))
-            done = term or trunc
-            if not done and len(tr.completion_ids) >= max_total_tokens:
-                done, tr.truncation = True, "context_budget"
-            if obs and not (term or tr.truncation):
-                obs_ids = policy.encode(obs)
-                room = max_total_tokens - len(tr.completion_ids)
-                if len(obs_ids) > room:
-                    obs_ids, done, tr.truncation = obs_ids[:room], True, "context_budget"
-                tr.completion_ids += obs_ids
-                tr.loss_mask += [0] * len(obs_ids)
-                tr.sources += [SOURCE_ENV] * len(obs_ids)
-                tr.logprobs += [0.0] * len(obs_ids)
-            contexts[j]["observation"] = obs
-            if term or trunc:
-                tr.terminated = bool(term)
-                tr.truncation = tr.truncation or ("max_turns" if trunc else None)
-                _finish(tr, reward, info)
-            elif done:
-                _finish(tr, 0.0, info)
-            elif len(tr.actions) >= turn_cap:  # turn cap of the loop itself (env without its own max_turns)
-                tr.truncation = "max_turns"
-                _finish(tr, 0.0, {})
-            else:
-                submit(j)
-                continue
-            sched.release(j)
+            if not eps.observe(j, obs, reward, term, trunc, info):
+                continue  # submitted for its next turn
             active.discard(j)
-            envs.pop(j).close()
             finished += 1
-            tr.text = policy.decode(tr.prompt_ids + tr.completion_ids)
-            tr.info["rollout_seconds"] = round(time.perf_counter() - t0, 3)
             if on_episode:
-                on_episode(tr)
+                on_episode(eps.trajs[j])
             if progress:
                 progress(finished, n)
     if clear:
         clear()
-    return trajs
+    return eps.trajs
+
+
+def _scheduler(policy: Policy, sampling: SamplingParams, schedule: str):
+    """The policy's continuous turn scheduler (unless ``schedule="lockstep"``), else lockstep."""
+    sched = None
+    if schedule != "lockstep" and hasattr(policy, "turn_scheduler"):
+        sched = policy.turn_scheduler(sampling)
+    if sched is None:
+        if schedule == "continuous":
+            raise ValueError(f"{type(policy).__name__} has no continuous schedule (use schedule=lockstep or auto)")
+        sched = Lockstep(policy, sampling)
+    return sched
+
+
+class _Episodes:
+    """The episodes of one ``rollout`` call (index j): their envs, trajectories and scheduler
+    contexts, and the steps of one episode: start, append a generated turn, append the env's
+    observation, submit the next turn or end."""
+
+    def __init__(self, policy: Policy, sched, make_env: Callable[[], gym.Env], reset_options: Sequence[dict],
+                 group_size: int, seed: int | None, max_tokens_per_turn: int, max_total_tokens: int,
+                 max_turns: int | None, with_privileged: bool):
+        self.policy, self.sched, self.make_env = policy, sched, make_env
+        self.reset_options, self.group_size, self.seed = reset_options, group_size, seed
+        self.max_tokens_per_turn, self.max_total_tokens = max_tokens_per_turn, max_total_tokens
+        self.turn_cap, self.with_privileged = max_turns, with_privileged
+        self.envs: dict[int, gym.Env] = {}
+        self.trajs: list[Trajectory | None] = [None] * (len(reset_options) * group_size)
+        self.contexts: dict[int, dict] = {}
+        self.t0 = time.perf_counter()
+
+    def submit(self, j: int) -> None:
+        tr = self.trajs[j]
+        room = self.max_total_tokens - len(tr.completion_ids)
+        self.sched.submit(j, tr.prompt_ids + tr.completion_ids, max(1, min(self.max_tokens_per_turn, room)),
+                          self.contexts[j])
+
+    def start(self, j: int) -> None:
+        env = self.envs[j] = self.make_env()
+        opts = self.reset_options[j // self.group_size]
+        prompt, info = env.reset(seed=None if self.seed is None else self.seed + j, options=opts)
+        base = env.unwrapped
+        if self.turn_cap is None:
+            self.turn_cap = getattr(base, "max_turns", None) or 10**9
+        tools = base.tool_schemas() if getattr(base, "protocol", "tags") == "tool_call" else None
+        ids = self.policy.prompt_ids(prompt, tools=tools)
+        qid = str(info.get("question_id", opts.get("question_id", j // self.group_size)))
+        tr = self.trajs[j] = Trajectory(qid, str(info.get("question", "")), j % self.group_size, list(ids))
+        tr.info["prompt_text"] = prompt
+        tr.info["max_turns"] = info.get("max_turns", getattr(base, "max_turns", None))  # the env's turn limit
+        tr.info["turn_spans"] = []  # [start, end) of each turn's generated ids in completion_ids
+        # actions/observations: the episode's history so far (live lists; a chat teacher renders it)
+        ctx = self.contexts[j] = {"episode": j, "prompt": prompt, "info": info, "observation": prompt,
+                                  "actions": tr.actions, "observations": tr.observations}
+        if self.with_privileged and hasattr(base, "privileged"):
+            ctx["privileged"] = tr.info["privileged"] = base.privileged()
+        self.submit(j)
+
+    def append_turn(self, j: int, c) -> None:
+        """The generated ids of a finished turn, exactly as generated (cut to the token budget)."""
+        tr = self.trajs[j]
+        room = self.max_total_tokens - len(tr.completion_ids)
+        ids, lps = c.token_ids[:room], c.logprobs[:room]
+        tr.info["turn_spans"].append([len(tr.completion_ids), len(tr.completion_ids) + len(ids)])
+        tr.completion_ids += ids
+        tr.loss_mask += [1] * len(ids)
+        per_token = c.extra.get("sources")  # a turn written partly by the student, partly by a teacher (ovd)
+        if per_token is not None:
+            tr.sources += list(per_token[: len(ids)])
+        else:
+            tr.sources += [SOURCE_TEACHER if c.extra.get("source") == "teacher" else SOURCE_STUDENT] * len(ids)
+        tr.logprobs += lps
+        tr.actions.append(c.text if len(ids) == len(c.token_ids) else self.policy.decode(ids))
+
+    def observe(self, j: int, obs: str, reward: float, term: bool, trunc: bool, info: dict) -> bool:
+        """Append the env's answer to episode j's turn; submit its next turn, or end it (True)."""
+        tr = self.trajs[j]
+        tr.observations.append(obs)
+        tr.invalid_actions = int(info.get("invalid_actions", tr.invalid_actions))
+        done = term or trunc
+        if not done and len(tr.completion_ids) >= self.max_total_tokens:
+            done, tr.truncation = True, "context_budget"
+        if obs and not (term or tr.truncation):
+            done = self._append_observation(tr, obs) or done
+        self.contexts[j]["observation"] = obs
+        if term or trunc:
+            tr.terminated = bool(term)
+            tr.truncation = tr.truncation or ("max_turns" if trunc else None)
+            _finish(tr, reward, info)
+        elif done:
+            _finish(tr, 0.0, info)
+        elif len(tr.actions) >= self.turn_cap:  # turn cap of the loop itself (env without its own max_turns)
+            tr.truncation = "max_turns"
+            _finish(tr, 0.0, {})
+        else:
+            self.submit(j)
+            return False
+        self.sched.release(j)
+        self.envs.pop(j).close()
+        tr.text = self.policy.decode(tr.prompt_ids + tr.completion_ids)
+        tr.info["rollout_seconds"] = round(time.perf_counter() - self.t0, 3)
+        return True
+
+    def _append_observation(self, tr: Trajectory, obs: str) -> bool:
+        """The observation tokenised on its own (loss_mask 0); True when it had to be cut to the budget."""
+        obs_ids = self.policy.encode(obs)
+        room = self.max_total_tokens - len(tr.completion_ids)
+        cut = len(obs_ids) > room
+        if cut:
+            obs_ids, tr.truncation = obs_ids[:room], "context_budget"
+        tr.completion_ids += obs_ids
+        tr.loss_mask += [0] * len(obs_ids)
+        tr.sources += [SOURCE_ENV] * len(obs_ids)
+        tr.logprobs += [0.0] * len(obs_ids)
+        return cut
 
 
 def _finish(tr: Trajectory, reward: float, info: dict) -> None:

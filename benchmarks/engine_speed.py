@@ -52,6 +52,79 @@ class EngineSpeedConfig:
     out: str = ""
 
 
+def timed_rollout(policy, make_env, ids: list[str], cfg: EngineSpeedConfig, schedule: str) -> dict:
+    """One greedy rollout of the questions ``ids``: seconds, agent tokens, tokens/s, EM, turns."""
+    from agents.policy import SamplingParams
+    from agents.rollout import rollout
+
+    t = time.perf_counter()
+    trajs = rollout(policy, make_env, [{"question_id": q} for q in ids], sampling=SamplingParams(temperature=0.0),
+                    max_tokens_per_turn=cfg.max_tokens_per_turn, max_total_tokens=cfg.max_total_tokens,
+                    batch_size=cfg.batch_size, schedule=schedule)
+    secs = time.perf_counter() - t
+    tokens = sum(tr.num_agent_tokens for tr in trajs)
+    return {"seconds": round(secs, 3), "tokens": tokens, "tokens_per_s": round(tokens / secs, 2),
+            "em": round(sum(tr.em for tr in trajs) / len(trajs), 4),
+            "turns": [len(tr.actions) for tr in trajs]}
+
+
+def vllm_round(make_env, ids: list[str], cfg: EngineSpeedConfig, device: str) -> dict:
+    """Start vLLM, warm it up, time the lockstep rollout, stop it (its start-up time apart)."""
+    from agents.vllm_policy import VLLMPolicy
+
+    kw = {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * (1 << 30))} if device == "cpu" else {}
+    t = time.perf_counter()
+    vp = VLLMPolicy(cfg.model, dtype=cfg.dtype, enable_lora=False, max_num_seqs=cfg.batch_size,
+                    enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_total_tokens + 1024, seed=0, **kw)
+    start = time.perf_counter() - t
+    try:
+        timed_rollout(vp, make_env, ids[:2], cfg, "lockstep")  # warm-up
+        r = timed_rollout(vp, make_env, ids, cfg, "lockstep")
+    finally:
+        vp.close()
+    r["engine_start_seconds"] = round(start, 2)
+    return r
+
+
+def run_rounds(hf, make_env, qids: list[str], cfg: EngineSpeedConfig, device: str) -> dict[str, list[dict]]:
+    """``repeats`` rounds of transformers then vLLM, after one transformers warm-up."""
+    timed_rollout(hf, make_env, qids[:2], cfg, "continuous")  # warm-up (retrieval kernels compile)
+    rounds = {"transformers": [], "vllm": []}
+    for i in range(cfg.repeats):
+        rounds["transformers"].append(timed_rollout(hf, make_env, qids, cfg, "continuous"))
+        rounds["vllm"].append(vllm_round(make_env, qids, cfg, device))
+        print(f"round {i + 1}: transformers {rounds['transformers'][-1]['tokens_per_s']} tok/s, "
+              f"vllm {rounds['vllm'][-1]['tokens_per_s']} tok/s", flush=True)
+    return rounds
+
+
+def make_report(cfg: EngineSpeedConfig, device: str, rounds: dict[str, list[dict]]) -> dict:
+    """The JSON report: tokens/s per engine pooled over the rounds (tokens over seconds), the ratio."""
+    import torch
+    import vllm
+    from omegaconf import OmegaConf
+
+    tps = {k: round(sum(r["tokens"] for r in rs) / sum(r["seconds"] for r in rs), 2) for k, rs in rounds.items()}
+    return {
+        "config": OmegaConf.to_container(cfg), "device": device, "vllm": vllm.__version__, "torch": torch.__version__,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()},
+        "tokens_per_s": tps, "ratio_vllm_over_transformers": round(tps["vllm"] / tps["transformers"], 3),
+        "rounds": rounds,
+    }
+
+
+def print_table(cfg: EngineSpeedConfig, report: dict, n_questions: int, out_path: Path) -> None:
+    rounds, tps = report["rounds"], report["tokens_per_s"]
+    print(f"\n{cfg.model} {cfg.dtype} on {report['device']}, {n_questions} {cfg.dataset} questions, "
+          f"batch {cfg.batch_size}, greedy")
+    print(f"{'engine':<14}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}{'EM':>7}{'start s':>9}")
+    for k, rs in rounds.items():
+        start = sum(r.get("engine_start_seconds", 0) for r in rs) / len(rs)
+        print(f"{k:<14}{sum(r['tokens'] for r in rs):>8}{sum(r['seconds'] for r in rs):>10.1f}{tps[k]:>10.2f}"
+              f"{sum(r['em'] for r in rs) / len(rs):>7.3f}{start:>9.1f}")
+    print(f"vllm / transformers: {report['ratio_vllm_over_transformers']:.3f}   -> {out_path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.eval import dataset_env_ids, parse_config
 
@@ -63,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     import envs  # noqa: F401
     from agents.hf_policy import TransformersPolicy
     from agents.models import load_model
-    from agents.policy import SamplingParams
-    from agents.rollout import rollout
-    from agents.vllm_policy import VLLMPolicy, vllm_device
+    from agents.vllm_policy import vllm_device
     from common.files import atomic_write_json
 
     device = vllm_device()
@@ -77,66 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     (_, env_id), = dataset_env_ids(cfg.dataset)
     make_env = lambda: gym.make(env_id, top_k=cfg.top_k, max_turns=cfg.max_turns)  # noqa: E731
     qids = [q["id"] for q in make_env().unwrapped.questions[: cfg.episodes]]
-    B = cfg.batch_size
-    greedy = SamplingParams(temperature=0.0)
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=device)
-    hf = TransformersPolicy(model, tok)
-
-    def run(policy, schedule, ids):
-        t = time.perf_counter()
-        trajs = rollout(policy, make_env, [{"question_id": q} for q in ids], sampling=greedy,
-                        max_tokens_per_turn=cfg.max_tokens_per_turn, max_total_tokens=cfg.max_total_tokens,
-                        batch_size=B, schedule=schedule)
-        secs = time.perf_counter() - t
-        tokens = sum(tr.num_agent_tokens for tr in trajs)
-        return {"seconds": round(secs, 3), "tokens": tokens, "tokens_per_s": round(tokens / secs, 2),
-                "em": round(sum(tr.em for tr in trajs) / len(trajs), 4),
-                "turns": [len(tr.actions) for tr in trajs]}
-
-    def vllm_round(ids):
-        kw = {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * (1 << 30))} if device == "cpu" else {}
-        t = time.perf_counter()
-        vp = VLLMPolicy(cfg.model, dtype=cfg.dtype, enable_lora=False, max_num_seqs=B,
-                        enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_total_tokens + 1024, seed=0, **kw)
-        start = time.perf_counter() - t
-        try:
-            run(vp, "lockstep", ids[:2])  # warm-up
-            r = run(vp, "lockstep", ids)
-        finally:
-            vp.close()
-        r["engine_start_seconds"] = round(start, 2)
-        return r
-
-    run(hf, "continuous", qids[:2])  # warm-up (retrieval kernels compile)
-    rounds = {"transformers": [], "vllm": []}
-    for i in range(cfg.repeats):
-        rounds["transformers"].append(run(hf, "continuous", qids))
-        rounds["vllm"].append(vllm_round(qids))
-        print(f"round {i + 1}: transformers {rounds['transformers'][-1]['tokens_per_s']} tok/s, "
-              f"vllm {rounds['vllm'][-1]['tokens_per_s']} tok/s", flush=True)
-
-    def pooled(rs):
-        return round(sum(r["tokens"] for r in rs) / sum(r["seconds"] for r in rs), 2)
-
-    tps = {k: pooled(v) for k, v in rounds.items()}
-    import vllm
-    from omegaconf import OmegaConf
-
-    report = {
-        "config": OmegaConf.to_container(cfg), "device": device, "vllm": vllm.__version__, "torch": torch.__version__,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()},
-        "tokens_per_s": tps, "ratio_vllm_over_transformers": round(tps["vllm"] / tps["transformers"], 3),
-        "rounds": rounds,
-    }
+    rounds = run_rounds(TransformersPolicy(model, tok), make_env, qids, cfg, device)
+    report = make_report(cfg, device, rounds)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_path, report)
-    print(f"\n{cfg.model} {cfg.dtype} on {device}, {len(qids)} {cfg.dataset} questions, batch {B}, greedy")
-    print(f"{'engine':<14}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}{'EM':>7}{'start s':>9}")
-    for k, rs in rounds.items():
-        start = sum(r.get("engine_start_seconds", 0) for r in rs) / len(rs)
-        print(f"{k:<14}{sum(r['tokens'] for r in rs):>8}{sum(r['seconds'] for r in rs):>10.1f}{tps[k]:>10.2f}"
-              f"{sum(r['em'] for r in rs) / len(rs):>7.3f}{start:>9.1f}")
-    print(f"vllm / transformers: {report['ratio_vllm_over_transformers']:.3f}   -> {out_path}")
+    print_table(cfg, report, len(qids), out_path)
     return 0
 
 

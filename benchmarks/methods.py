@@ -132,7 +132,7 @@ def learn_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="small", choices=sorted(PRESETS))
     ap.add_argument("--methods", default=",".join(PRESETS["small"]))
@@ -149,58 +149,74 @@ def main(argv=None) -> int:
     ap.add_argument("--learn-methods", default="grpo,ovd,opd")
     ap.add_argument("--skip-done", action="store_true", help="reuse runs already finished with the same command line")
     ap.add_argument("--out", default="results/methods")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def run_cost(a: argparse.Namespace, common: list[str], out: Path) -> list[dict]:
+    """The cost rows: each of ``--methods`` for ``--steps`` steps, no evaluation (``ovd-remote``
+    with the teacher behind a model server started here)."""
+    labels = [m for m in a.methods.split(",") if m]
+    unknown = [m for m in labels if m not in PRESETS[a.model]]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {sorted(PRESETS[a.model])}")
+    server = None
+    if "ovd-remote" in labels:
+        from agents.openai_server import ModelServerProcess
+
+        server = ModelServerProcess("teacher", extra_args=["--threads", str(a.threads)], startup_timeout=600).start()
+    rows = []
+    from tqdm import tqdm
+
+    for label in tqdm(labels, desc="methods", unit="method"):
+        overrides, teacher = PRESETS[a.model][label]
+        r = run_method(label, overrides, common, out / "cost", server.url if server else None, a.skip_done)
+        r["teacher"] = teacher
+        rows.append(r)
+        tqdm.write(f"{label}: " + (f"peak {r['peak_rss_mb']:.0f} MB, {r['s_per_step']:.1f} s/step" if "error" not in r else "FAILED"))
+    if server is not None:
+        server.stop()
+    return rows
+
+
+def run_learn(a: argparse.Namespace, out: Path) -> dict:
+    """The learning rows: each of ``--learn-methods`` for ``--learn-steps`` steps, held-out EM/F1
+    before (evaluated once, with the first method, and shared) and after."""
+    lc = [f"model={a.model}", f"steps={a.learn_steps}", f"questions_per_step={a.questions}", f"group_size={a.group}",
+          f"max_tokens_per_turn={a.tokens_per_turn}", f"env.max_turns={a.max_turns}", f"threads={a.threads}", "progress=false",
+          f"eval.questions={a.learn_eval}", "tensorboard=false"]
+    rows = []
+    for k, label in enumerate(m for m in a.learn_methods.split(",") if m):
+        overrides, teacher = PRESETS[a.model][label]
+        # the before-evaluation is greedy with the same initial model and questions for every
+        # method: run it once (with the first method) and share it
+        before = [] if k == 0 or "error" in rows[0] else ["eval.before=false"]
+        r = run_method(label, overrides, lc + before, out / "learn", None, a.skip_done)
+        if before and "error" not in r:
+            r["eval_before"] = rows[0]["eval_before"]
+        if "error" not in r:
+            lines = [json.loads(x) for x in (out / "learn" / label / "metrics.jsonl").read_text().splitlines()]
+            r["train_reward"] = sum(x["reward"] for x in lines) / len(lines)
+        r["teacher"] = teacher
+        rows.append(r)
+    return {"settings": lc, "rows": rows}
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     common = [f"model={a.model}", f"steps={a.steps}", f"questions_per_step={a.questions}", f"group_size={a.group}",
               f"max_tokens_per_turn={a.tokens_per_turn}", f"env.max_turns={a.max_turns}", f"threads={a.threads}", "progress=false", "eval.before=false",
               "eval.after=false", "tensorboard=false"]
     report: dict = {"model": a.model, "settings": common}
-    labels = [m for m in a.methods.split(",") if m]
-    server = None
     if not a.learn_only:
-        unknown = [m for m in labels if m not in PRESETS[a.model]]
-        if unknown:
-            raise SystemExit(f"unknown methods {unknown}; choose from {sorted(PRESETS[a.model])}")
-        if "ovd-remote" in labels:
-            from agents.openai_server import ModelServerProcess
-
-            server = ModelServerProcess("teacher", extra_args=["--threads", str(a.threads)], startup_timeout=600).start()
-        rows = []
-        from tqdm import tqdm
-
-        for label in tqdm(labels, desc="methods", unit="method"):
-            overrides, teacher = PRESETS[a.model][label]
-            r = run_method(label, overrides, common, out / "cost", server.url if server else None, a.skip_done)
-            r["teacher"] = teacher
-            rows.append(r)
-            tqdm.write(f"{label}: " + (f"peak {r['peak_rss_mb']:.0f} MB, {r['s_per_step']:.1f} s/step" if "error" not in r else "FAILED"))
-        if server is not None:
-            server.stop()
-        report["cost"] = rows
+        report["cost"] = rows = run_cost(a, common, out)
         print(f"\n## Training-side cost, model={a.model} ({a.steps} steps of {a.questions}x{a.group} episodes)\n")
         print(cost_table(rows))
     if a.learn or a.learn_only:
-        lc = [f"model={a.model}", f"steps={a.learn_steps}", f"questions_per_step={a.questions}", f"group_size={a.group}",
-              f"max_tokens_per_turn={a.tokens_per_turn}", f"env.max_turns={a.max_turns}", f"threads={a.threads}", "progress=false",
-              f"eval.questions={a.learn_eval}", "tensorboard=false"]
-        rows = []
-        for k, label in enumerate(m for m in a.learn_methods.split(",") if m):
-            overrides, teacher = PRESETS[a.model][label]
-            # the before-evaluation is greedy with the same initial model and questions for every
-            # method: run it once (with the first method) and share it
-            before = [] if k == 0 or "error" in rows[0] else ["eval.before=false"]
-            r = run_method(label, overrides, lc + before, out / "learn", None, a.skip_done)
-            if before and "error" not in r:
-                r["eval_before"] = rows[0]["eval_before"]
-            if "error" not in r:
-                lines = [json.loads(x) for x in (out / "learn" / label / "metrics.jsonl").read_text().splitlines()]
-                r["train_reward"] = sum(x["reward"] for x in lines) / len(lines)
-            r["teacher"] = teacher
-            rows.append(r)
-        report["learn"] = {"settings": lc, "rows": rows}
+        report["learn"] = run_learn(a, out)
         print(f"\n## Learning comparison, model={a.model}, {a.learn_steps} steps, {a.learn_eval} held-out questions\n")
-        print(learn_table(rows))
+        print(learn_table(report["learn"]["rows"]))
     tmp = out / "methods.json.tmp"
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, out / "methods.json")

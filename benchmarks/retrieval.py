@@ -34,7 +34,7 @@ p50/p95 latency (``--single`` queries one at a time), batched queries/s (one ``s
 ``--reuse-builds JSON`` re-measures the query side on indexes an earlier run built (its build
 figures are copied from that run's JSON and marked ``build_reused_from``).
 
-Synthetic corpus: Zipfian vocabulary (100k words, exponent 1.07 over ranks 51+, the head
+Synthetic corpus (``benchmarks/synthetic.py``): Zipfian vocabulary (100k words, exponent 1.07 over ranks 51+, the head
 standing for stop words, so the commonest term is in ~28% of passages, as in real text),
 60-140 words per passage; streamed to the cache in 10k-passage blocks, each from its own seed,
 so a smaller corpus is a prefix of a larger one. Queries: 3-6 words drawn from passages of the
@@ -49,15 +49,14 @@ import multiprocessing as mp
 import os
 import platform
 import resource
-import string
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.retrieval_report import print_table, projections
+from benchmarks.synthetic import synthetic_corpus, synthetic_queries
 from common.files import atomic_write_json, cache_root
-
-GEN_VERSION = "v3"
 
 
 def _status_mb(field: str) -> float | None:
@@ -160,61 +159,6 @@ def _in_child(fn, *args) -> dict:
     return res
 
 
-def _vocab(seed: int, vocab_size: int = 100_000) -> list[str]:
-    rng = np.random.default_rng([seed, 0])
-    letters = np.array(list(string.ascii_lowercase))
-    lens = rng.integers(4, 10, size=vocab_size)
-    chars = rng.choice(letters, size=int(lens.sum()))
-    ends = np.cumsum(lens)
-    return ["".join(chars[e - n : e]) for e, n in zip(ends, lens)]
-
-
-def synthetic_corpus(size: int, seed: int = 0, block: int = 10_000) -> Path:
-    """A Zipfian-vocabulary corpus of ``size`` passages (JSONL), streamed once into the cache."""
-    path = cache_root() / "synthetic" / f"zipf-{size}-s{seed}-{GEN_VERSION}.jsonl"
-    if path.exists():
-        return path
-    from tqdm.auto import tqdm
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    vocab = _vocab(seed)
-    # Zipf over ranks 51..100,050: the 50 head ranks play the stop words that the tokeniser drops
-    p = 1.0 / np.arange(51, len(vocab) + 51) ** 1.07
-    cdf = np.cumsum(p / p.sum())
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as fh:
-        for b, start in enumerate(tqdm(range(0, size, block), desc=f"synthetic corpus {size:,}", unit="block", mininterval=5)):
-            rng = np.random.default_rng([seed, 1, b])  # one seed per block: sizes share prefixes
-            n = min(block, size - start)
-            lens = rng.integers(60, 141, size=n)
-            words = np.minimum(np.searchsorted(cdf, rng.random(int(lens.sum()))), len(vocab) - 1).tolist()
-            off, lines = 0, []
-            for j, ln in enumerate(lens.tolist()):
-                text = " ".join(map(vocab.__getitem__, words[off : off + ln]))
-                off += ln
-                lines.append(json.dumps({"id": f"syn{start + j}", "title": vocab[words[off - 1]], "text": text}))
-            fh.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def synthetic_queries(corpus: Path, n: int, seed: int = 1, first: int = 100_000) -> list[str]:
-    """3-6 distinct words of random passages among the first ``first`` (in every larger corpus too)."""
-    rng = np.random.default_rng(seed)
-    lines = []
-    with open(corpus) as fh:
-        for i, line in enumerate(fh):
-            if i >= first:
-                break
-            if i % 97 == 0:
-                lines.append(json.loads(line)["text"].split())
-    out = []
-    for _ in range(n):
-        words = lines[rng.integers(len(lines))]
-        out.append(" ".join(rng.choice(words, size=rng.integers(3, 7), replace=False)))
-    return out
-
-
 def _disk_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
@@ -302,62 +246,7 @@ def bundled_slice(limit: int, workdir: Path) -> Path:
     return path
 
 
-def projections(big: dict, refs: list[dict], project: int) -> dict:
-    """rank-bm25 at the big size and ours at ``project`` passages, linear in passages."""
-    n = big["passages"]
-    ours = big["backends"]["bm25s"]
-    ref = max(refs, key=lambda r: r["passages"])
-    rb = ref["backends"]["rank_bm25"]
-    m = ref["passages"]
-    rank_build = rb["build_s"] / m * n
-    rank_query_ms = 1000 / rb["single_qps"] / m * n
-    f = project / n
-    return {
-        "rank_bm25_at_size": {"from_passages": m, "build_s": rank_build, "query_ms": rank_query_ms,
-                              "build_ratio_to_ours": rank_build / ours["build_s"],
-                              "query_ratio_to_ours_single": rank_query_ms / ours["p50_ms"],
-                              "query_ratio_to_ours_batched": rank_query_ms / (1000 / ours["batched_qps"])},
-        "ours_at_project": {"passages": project, "build_s": ours["build_s"] * f, "disk_mb": ours["disk_mb"] * f,
-                            "p50_ms": ours["p50_ms"] * f, "p95_ms": ours["p95_ms"] * f, "batched_qps": ours["batched_qps"] / f,
-                            "scratch_mb_per_thread": 8 * project / 2**20},
-    }
-
-
-def print_table(results: list[dict], proj: dict | None) -> None:
-    cols = ["corpus", "backend", "passages", "build s", "build RSS MB", "disk MB", "load s", "1st query s", "p50 ms", "p95 ms",
-            "batched q/s", "query RSS MB (anon)"]
-    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for res in results:
-        for name, r in res["backends"].items():
-            print(f"| {res['corpus']} | {name} | {r['passages']:,} | {r['build_s']:.1f} | {r['build_peak_rss_mb']:.0f} | {r['disk_mb']:.0f} | "
-                  f"{r['load_s']:.3f} | {r['first_query_s']:.3f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['batched_qps']:.1f} | "
-                  f"{r['query_peak_rss_mb']:.0f} ({r['query_rss_anon_mb']:.0f}) |")
-    if proj:
-        rp, op = proj["rank_bm25_at_size"], proj["ours_at_project"]
-        big = results[-1]
-        print(f"| {big['corpus']} | rank_bm25 (projected from {rp['from_passages']:,}) | {big['passages']:,} | {rp['build_s']:.0f} | - | - | - | - | "
-              f"{rp['query_ms']:.0f} | - | {1000 / rp['query_ms']:.3f} | - |")
-        print(f"| projected | bm25s (linear) | {op['passages']:,} | {op['build_s']:.0f} | - | {op['disk_mb']:.0f} | - | - | "
-              f"{op['p50_ms']:.1f} | {op['p95_ms']:.1f} | {op['batched_qps']:.1f} | - |")
-    recalls = [(res["corpus"], name, r["title_recall"]) for res in results for name, r in res["backends"].items() if "title_recall" in r]
-    if recalls:
-        print("\n| corpus | backend | recall@1 | recall@3 | recall@10 |\n|---|---|---|---|---|")
-        for corpus, name, rec in recalls:
-            print(f"| {corpus} | {name} | {rec['recall@1']:.3f} | {rec['recall@3']:.3f} | {rec['recall@10']:.3f} |")
-    print()
-    for res in results:
-        if "overlap_at_10" in res:
-            print(f"{res['corpus']}: ours/rank-bm25 batched speed ratio {res['batched_speedup_vs_rank_bm25']:.0f}x "
-                  f"(single-query {res['single_speedup_vs_rank_bm25']:.0f}x); top-10 overlap {res['overlap_at_10']:.4f} "
-                  f"({res['identical_top10']} identical lists, max relative score difference {res['max_rel_score_diff']:.1e})")
-    if proj:
-        rp = proj["rank_bm25_at_size"]
-        print(f"{results[-1]['corpus']}: rank-bm25 projected build {rp['build_s']:.0f} s = {rp['build_ratio_to_ours']:.1f}x ours; "
-              f"projected query {rp['query_ms']:.0f} ms = {rp['query_ratio_to_ours_single']:.0f}x our single-query p50, "
-              f"{rp['query_ratio_to_ours_batched']:.0f}x our batched per-query time")
-
-
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=1_000_000, help="synthetic corpus size for ours only (0 = skip)")
     ap.add_argument("--ref-sizes", type=int, nargs="*", default=[100_000, 200_000], help="sizes run with both backends")
@@ -373,50 +262,74 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reuse-builds", default=None, metavar="JSON",
                     help="skip builds whose index folder exists; take their build figures from this earlier --out")
     ap.add_argument("--out", default="results/retrieval.json")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def load_reuse(path: str) -> None:
+    """Fill ``REUSE`` with the build figures of an earlier run's JSON (``--reuse-builds``)."""
+    for res in json.loads(Path(path).read_text())["results"]:
+        for backend, r in res["backends"].items():
+            REUSE[(res["corpus"], backend)] = {"build_s": r["build_s"], "build_peak_rss_mb": r["build_peak_rss_mb"],
+                                               "build_reused_from": path}
+
+
+def bench_bundled(args, workdir: Path) -> dict:
+    """The bundled corpus row (or its first ``--bundled-limit`` passages): ours and rank-bm25,
+    then dense and hybrid unless ``--no-dense``, with HotpotQA supporting-title recall."""
     from corpora.corpus import BUNDLED_PAGES, BUNDLED_PASSAGES, data_path
     from corpora.qa import load_qa
 
+    hotpot = load_qa("hotpotqa")
+    recall_qs = [(q["question"], q["supporting_titles"]) for q in hotpot]
+    qs = [q["question"] for q in hotpot] + [q["question"] for q in load_qa("nq")]
+    corpus, pages, name = str(data_path(BUNDLED_PASSAGES)), str(data_path(BUNDLED_PAGES)), "bundled-22980"
+    if args.bundled_limit:
+        corpus, pages, name = str(bundled_slice(args.bundled_limit, workdir)), None, f"bundled-first-{args.bundled_limit}"
+    res = bench_pair(name, corpus, qs[: args.queries], min(args.single, len(qs)), args.ref_queries or 100, workdir,
+                     pages, recall_qs)
+    if not args.no_dense:
+        bench_dense(res, corpus, qs[: args.queries], min(args.single, len(qs)), workdir, pages, recall_qs)
+    return res
+
+
+def bench_synthetic(args, sizes: list[int], workdir: Path) -> tuple[list[dict], list[dict], dict | None, float]:
+    """The synthetic rows: ours and rank-bm25 at each ``--ref-sizes``, ours alone at ``--size``.
+    Returns (rows, the reference rows, the ours-only row or None, corpus generation seconds)."""
+    results, refs, big = [], [], None
+    t0 = time.perf_counter()
+    largest = synthetic_corpus(max(sizes))
+    gen_s = time.perf_counter() - t0
+    queries = synthetic_queries(largest, args.queries)
+    for r in sorted(args.ref_sizes):
+        refs.append(bench_pair(f"synthetic-{r}", str(synthetic_corpus(r)), queries, args.single, args.ref_queries or 20, workdir))
+        results.append(refs[-1])
+    if args.size and args.size not in args.ref_sizes:
+        fast = bench_backend(f"synthetic-{args.size}", "bm25s", str(largest), queries, args.single, True, workdir,
+                             total=args.size, progress=True)
+        fast.pop("top10")
+        big = {"corpus": f"synthetic-{args.size}", "passages": fast["passages"], "backends": {"bm25s": fast}}
+        results.append(big)
+    return results, refs, big, gen_s
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     if args.reuse_builds:
-        for res in json.loads(Path(args.reuse_builds).read_text())["results"]:
-            for backend, r in res["backends"].items():
-                REUSE[(res["corpus"], backend)] = {"build_s": r["build_s"], "build_peak_rss_mb": r["build_peak_rss_mb"],
-                                                   "build_reused_from": args.reuse_builds}
+        load_reuse(args.reuse_builds)
     load_before = os.getloadavg()
     t_start = time.perf_counter()
     workdir = cache_root() / "bench-indexes"
     workdir.mkdir(parents=True, exist_ok=True)
-    results, refs = [], []
+    results, refs, big = [], [], None
     DENSE.update(model=args.dense_model, faiss=args.dense_faiss)
     recall = None
     if not args.no_bundled:
-        hotpot = load_qa("hotpotqa")
-        recall_qs = [(q["question"], q["supporting_titles"]) for q in hotpot]
-        qs = [q["question"] for q in hotpot] + [q["question"] for q in load_qa("nq")]
-        corpus, pages, name = str(data_path(BUNDLED_PASSAGES)), str(data_path(BUNDLED_PAGES)), "bundled-22980"
-        if args.bundled_limit:
-            corpus, pages, name = str(bundled_slice(args.bundled_limit, workdir)), None, f"bundled-first-{args.bundled_limit}"
-        results.append(bench_pair(name, corpus, qs[: args.queries], min(args.single, len(qs)), args.ref_queries or 100, workdir,
-                                  pages, recall_qs))
-        if not args.no_dense:
-            bench_dense(results[-1], corpus, qs[: args.queries], min(args.single, len(qs)), workdir, pages, recall_qs)
+        results.append(bench_bundled(args, workdir))
         recall = results[-1]["backends"]["bm25s"]["title_recall"]
-    big = None
     sizes = sorted(set(args.ref_sizes + ([args.size] if args.size else [])))
     if sizes:
-        t0 = time.perf_counter()
-        largest = synthetic_corpus(max(sizes))
-        gen_s = time.perf_counter() - t0
-        queries = synthetic_queries(largest, args.queries)
-        for r in sorted(args.ref_sizes):
-            refs.append(bench_pair(f"synthetic-{r}", str(synthetic_corpus(r)), queries, args.single, args.ref_queries or 20, workdir))
-            results.append(refs[-1])
-        if args.size and args.size not in args.ref_sizes:
-            fast = bench_backend(f"synthetic-{args.size}", "bm25s", str(largest), queries, args.single, True, workdir,
-                                 total=args.size, progress=True)
-            fast.pop("top10")
-            big = {"corpus": f"synthetic-{args.size}", "passages": fast["passages"], "backends": {"bm25s": fast}}
-            results.append(big)
+        rows, refs, big, gen_s = bench_synthetic(args, sizes, workdir)
+        results += rows
     proj = projections(big, refs, args.project) if big and refs else None
     print_table(results, proj)
     if sizes:

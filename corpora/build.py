@@ -62,7 +62,7 @@ def detect_format(corpus: str) -> str:
     return "jsonl"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m corpora.build", description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", required=True, help="corpus file, dump, HTML folder/glob, or 'bundled'")
     ap.add_argument("--out", required=True, help="index folder to create (replaced if it exists)")
@@ -91,40 +91,55 @@ def main(argv: list[str] | None = None) -> int:
     dense.add_argument("--ef-search", type=int, default=FaissParams.ef_search)
     dense.add_argument("--rrf-k", type=float, default=FusionParams.k, help="reciprocal rank fusion constant (hybrid)")
     dense.add_argument("--rrf-depth", type=int, default=FusionParams.depth, help="candidates fused from each retriever (hybrid)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def input_problem(fmt: str, kind: str | None, corpus: str, pages) -> str | None:
+    """Why this corpus, format and backend do not go together, or None."""
+    if fmt == "index" and not kind:
+        return "an index folder is a --corpus only for --backend dense or hybrid"
+    if fmt not in ("html", "index") and not Path(corpus).exists():
+        return f"corpus file not found: {corpus}"
+    if fmt in ("wikixml", "html") and pages:
+        return f"--pages applies to jsonl/tsv corpora; {fmt} input makes its own pages"
+    if fmt == "tsv" and not Path(corpus).name.lower().endswith((".tsv", ".tsv.gz")):
+        return "DPR TSV files are read by name: rename the file to .tsv or .tsv.gz"
+    if fmt == "jsonl" and Path(corpus).name.lower().endswith((".tsv", ".tsv.gz")):
+        return "this file is named .tsv: use --format tsv (or auto)"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     kinds = [b for b in args.backend if b in DENSE_KINDS]
     if kinds and len(args.backend) != 1:
-        print("error: --backend dense or hybrid stands alone (its folder holds a bm25s index too)", file=sys.stderr)
-        return 2
+        return _error("--backend dense or hybrid stands alone (its folder holds a bm25s index too)")
     kind = kinds[0] if kinds else None
     corpus, pages = args.corpus, args.pages
     if corpus == "bundled":
         corpus, pages = str(data_path(BUNDLED_PASSAGES)), pages or data_path(BUNDLED_PAGES)
     fmt = detect_format(corpus) if args.format == "auto" else args.format
     params = BM25Params(args.k1, args.b)
-    if fmt == "index" and not kind:
-        print("error: an index folder is a --corpus only for --backend dense or hybrid", file=sys.stderr)
-        return 2
-    if fmt not in ("html", "index") and not Path(corpus).exists():
-        print(f"error: corpus file not found: {corpus}", file=sys.stderr)
-        return 2
-    if fmt in ("wikixml", "html") and pages:
-        print(f"error: --pages applies to jsonl/tsv corpora; {fmt} input makes its own pages", file=sys.stderr)
-        return 2
-    if fmt == "tsv" and not Path(corpus).name.lower().endswith((".tsv", ".tsv.gz")):
-        print("error: DPR TSV files are read by name: rename the file to .tsv or .tsv.gz", file=sys.stderr)
-        return 2
-    if fmt == "jsonl" and Path(corpus).name.lower().endswith((".tsv", ".tsv.gz")):
-        print("error: this file is named .tsv: use --format tsv (or auto)", file=sys.stderr)
-        return 2
+    problem = input_problem(fmt, kind, corpus, pages)
+    if problem:
+        return _error(problem)
     try:
         if kind:
             out = _build_dense(args, kind, fmt, corpus, pages, params)
         else:
             out = _build_bm25(args, fmt, corpus, pages, params, args.out, args.backend)
     except (OSError, ValueError, ImportError) as exc:  # OSError: also a model that cannot be found or fetched
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(str(exc))
+    _print_built(out, kind)
+    return 0
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _print_built(out: str | Path, kind: str | None) -> None:
     meta = json.loads((Path(out) / "meta.json").read_text())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"built {out}: {meta['num_passages']:,} passages, {meta.get('num_full_pages', 0):,} full pages, "
@@ -135,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
               f"faiss {d['index']}, " + (f"embeddings reused from {d['reused_from']}" if "reused_from" in d else
                                          f"vectors re-indexed from {d['vectors_from']}" if "vectors_from" in d else
                                          f"encoded at {d['passages_per_second']} passages/s"))
-    return 0
 
 
 def _build_bm25(args: argparse.Namespace, fmt: str, corpus: str, pages, params: BM25Params, out_dir: str | Path,

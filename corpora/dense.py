@@ -192,42 +192,10 @@ def build_dense_index(
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.dense-build-"))
     base = tmp / "index"
     try:
-        src = Path(source) if isinstance(source, (str, Path)) else None
-        reuse = None
-        if src is not None and (src / "meta.json").exists():
-            src_meta = read_meta(src)
-            if "bm25s" not in src_meta.get("backends", []):
-                raise ValueError(f"{src} has no bm25s index to build on; rebuild it with --backend bm25s")
-            reuse = _reuse(src_meta, src, encoder, params)
-            shutil.copytree(src, base, copy_function=_link_or_copy,
-                            ignore=None if reuse == "index" else shutil.ignore_patterns(DENSE_DIR))
-        else:
-            build_index(source, base, backends=("bm25s",), params=bm25_params, show_progress=show_progress, total=total,
-                        pages=pages)
+        src, reuse = _bm25_part(source, base, encoder, params, bm25_params, show_progress, total, pages)
         meta = read_meta(base)
         bm25_s = float(meta.get("bm25_build_seconds", meta.get("build_seconds", 0.0)))
-        t1 = time.perf_counter()
-        if reuse == "index":
-            dense_meta = dict(meta["dense"], reused_from=str(src))
-        elif reuse == "vectors":
-            index = _reindex(src, params, chunk, show_progress)
-            (base / DENSE_DIR).mkdir()
-            _faiss().write_index(index, str(base / DENSE_DIR / FAISS_FILE))
-            index_s = time.perf_counter() - t1
-            old = {k: v for k, v in meta["dense"].items() if k not in _INDEX_KEYS and k != "reused_from"}
-            dense_meta = {**old, **params.describe(), "vectors_from": str(src), "index_seconds": round(index_s, 3),
-                          "build_seconds": round(old.get("encode_seconds", 0.0) + index_s, 3)}
-        else:
-            encoder.dim  # loads (and verifies) the model outside the encoding time
-            t2 = time.perf_counter()
-            index = encode_passages(DocStore(base), encoder, params, chunk, show_progress)
-            encode_s = time.perf_counter() - t2
-            (base / DENSE_DIR).mkdir()
-            _faiss().write_index(index, str(base / DENSE_DIR / FAISS_FILE))
-            dense_meta = {**encoder.describe(), **params.describe(), "metric": "inner_product",
-                          "passage_text": "Passage.contents(): '\"Title\"\\ntext'", "faiss": _faiss().__version__,
-                          "encode_seconds": round(encode_s, 3), "passages_per_second": round(index.ntotal / max(encode_s, 1e-9), 1),
-                          "build_seconds": round(time.perf_counter() - t1, 3)}
+        dense_meta = _dense_part(base, meta, src, reuse, encoder, params, chunk, show_progress)
         # build_seconds: the whole cost of the folder from the corpus (BM25 part + encoding and faiss)
         meta.update(kind=kind, dense=dense_meta, fusion=asdict(fusion), bm25_build_seconds=round(bm25_s, 3),
                     build_seconds=round(bm25_s + dense_meta["build_seconds"], 3))
@@ -236,6 +204,55 @@ def build_dense_index(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _bm25_part(source, base: Path, encoder, params: FaissParams, bm25_params: BM25Params | None, show_progress: bool,
+               total: int | None, pages) -> tuple[Path | None, str | None]:
+    """Lay the bm25s part of the folder into ``base``: hard links of the index folder ``source``
+    (its dense files too when ``_reuse`` says they serve as they are), or a build of the corpus.
+    Returns ``(source as a path or None, what of its embeddings is reused: "index", "vectors" or None)``."""
+    src = Path(source) if isinstance(source, (str, Path)) else None
+    if src is not None and (src / "meta.json").exists():
+        src_meta = read_meta(src)
+        if "bm25s" not in src_meta.get("backends", []):
+            raise ValueError(f"{src} has no bm25s index to build on; rebuild it with --backend bm25s")
+        reuse = _reuse(src_meta, src, encoder, params)
+        shutil.copytree(src, base, copy_function=_link_or_copy,
+                        ignore=None if reuse == "index" else shutil.ignore_patterns(DENSE_DIR))
+        return src, reuse
+    build_index(source, base, backends=("bm25s",), params=bm25_params, show_progress=show_progress, total=total,
+                pages=pages)
+    return src, None
+
+
+def _dense_part(base: Path, meta: dict, src: Path | None, reuse: str | None, encoder, params: FaissParams, chunk: int,
+                show_progress: bool) -> dict:
+    """Write the faiss index of ``base`` (kept, re-indexed from ``src``'s vectors, or encoded) and
+    return its ``meta["dense"]`` entry."""
+    t1 = time.perf_counter()
+    if reuse == "index":
+        return dict(meta["dense"], reused_from=str(src))
+    if reuse == "vectors":
+        index = _reindex(src, params, chunk, show_progress)
+        _write_faiss(base, index)
+        index_s = time.perf_counter() - t1
+        old = {k: v for k, v in meta["dense"].items() if k not in _INDEX_KEYS and k != "reused_from"}
+        return {**old, **params.describe(), "vectors_from": str(src), "index_seconds": round(index_s, 3),
+                "build_seconds": round(old.get("encode_seconds", 0.0) + index_s, 3)}
+    encoder.dim  # loads (and verifies) the model outside the encoding time
+    t2 = time.perf_counter()
+    index = encode_passages(DocStore(base), encoder, params, chunk, show_progress)
+    encode_s = time.perf_counter() - t2
+    _write_faiss(base, index)
+    return {**encoder.describe(), **params.describe(), "metric": "inner_product",
+            "passage_text": "Passage.contents(): '\"Title\"\\ntext'", "faiss": _faiss().__version__,
+            "encode_seconds": round(encode_s, 3), "passages_per_second": round(index.ntotal / max(encode_s, 1e-9), 1),
+            "build_seconds": round(time.perf_counter() - t1, 3)}
+
+
+def _write_faiss(base: Path, index) -> None:
+    (base / DENSE_DIR).mkdir()
+    _faiss().write_index(index, str(base / DENSE_DIR / FAISS_FILE))
 
 
 class DenseIndex:

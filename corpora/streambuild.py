@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import shutil
 from array import array
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -198,6 +199,52 @@ def stream_build(
     rank-bm25 reference backend, which needs every token list in memory), ``"token_lists"``.
     Raises ``ValueError`` on an empty corpus or a duplicate passage id.
     """
+    p1 = _tokenise(passages, tmp, build_csc, keep_token_lists, show_progress, total, chunk_tokens)
+    n = p1.n
+    if n == 0:
+        raise ValueError(f"corpus {source or '<iterable>'} has no passages")
+    _check_unique_ids(np.frombuffer(p1.id_hash, dtype=np.int64), tmp, source)
+    p1.id_hash = None  # each big buffer is let go as soon as it is used up (peak memory)
+    terms = p1.enc.terms()
+    p1.enc = None
+    dl_np = np.frombuffer(p1.dl, dtype=np.int32)
+    avgdl = float(dl_np.sum(dtype=np.int64)) / n
+    stats = {"num_passages": n, "num_terms": len(terms), "avgdl": avgdl, "titles": p1.titles}
+    if keep_token_lists:
+        stats["token_lists"] = [[terms[t] for t in ids if t >= 0] for ids in p1.token_lists]
+        p1.token_lists = None
+    chunks = p1.chunks
+    if chunks is not None:
+        chunks.flush(p1.buf, p1.raw_lens, p1.doc_start)  # the last chunk
+        p1.buf = p1.raw_lens = None
+        write_vocab(terms, tmp)
+        del terms
+        stats["num_postings"] = _write_postings(chunks, n, dl_np, avgdl, k1, b, tmp / POSTINGS, block_postings, show_progress)
+        stats["num_chunks"] = len(chunks.doc_start)
+        shutil.rmtree(chunks.folder)
+    return stats
+
+
+@dataclass
+class _Tokenised:
+    """What pass 1 leaves: passage count, term encoder, titles, id hashes, lengths, token lists
+    (rank-bm25 only), the spilled chunks and the tokens of the last chunk, not yet spilled."""
+    n: int
+    enc: TermEncoder | None
+    titles: TitleMap
+    id_hash: array | None
+    dl: array
+    token_lists: list[list[int]] | None
+    chunks: _Chunks | None
+    buf: array | None
+    raw_lens: array | None
+    doc_start: int
+
+
+def _tokenise(passages: Iterable[Passage], tmp: Path, build_csc: bool, keep_token_lists: bool, show_progress: bool,
+              total: int | None, chunk_tokens: int) -> _Tokenised:
+    """Pass 1: each passage into the doc store and the titles, its text into term ids (spilled to
+    sorted chunk files every ``chunk_tokens`` tokens when ``build_csc``)."""
     enc = TermEncoder()
     writer = DocStoreWriter(tmp)
     titles = TitleMap()
@@ -224,27 +271,7 @@ def stream_build(
                 chunks.flush(buf, raw_lens, doc_start)
                 doc_start, buf, raw_lens = n, array("i"), array("i")
     writer.close()
-    if n == 0:
-        raise ValueError(f"corpus {source or '<iterable>'} has no passages")
-    _check_unique_ids(np.frombuffer(id_hash, dtype=np.int64), tmp, source)
-    del id_hash
-    terms = enc.terms()
-    del enc
-    dl_np = np.frombuffer(dl, dtype=np.int32)
-    avgdl = float(dl_np.sum(dtype=np.int64)) / n
-    stats = {"num_passages": n, "num_terms": len(terms), "avgdl": avgdl, "titles": titles}
-    if keep_token_lists:
-        stats["token_lists"] = [[terms[t] for t in ids if t >= 0] for ids in token_lists]
-        del token_lists
-    if chunks is not None:
-        chunks.flush(buf, raw_lens, doc_start)
-        del buf, raw_lens
-        write_vocab(terms, tmp)
-        del terms
-        stats["num_postings"] = _write_postings(chunks, n, dl_np, avgdl, k1, b, tmp / POSTINGS, block_postings, show_progress)
-        stats["num_chunks"] = len(chunks.doc_start)
-        shutil.rmtree(chunks.folder)
-    return stats
+    return _Tokenised(n, enc, titles, id_hash, dl, token_lists, chunks, buf, raw_lens, doc_start)
 
 
 def _check_unique_ids(h: np.ndarray, folder: Path, source: str) -> None:

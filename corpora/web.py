@@ -14,7 +14,8 @@ An agent's URL is untrusted input, so every request goes through these rules (SS
   an IPv4 address (IPv4-mapped ``::ffff:a.b.c.d``, IPv4-compatible, NAT64 ``64:ff9b::/96``, 6to4
   ``2002::/16``, Teredo ``2001::/32``) judged by the IPv4 inside. One bad address refuses the
   URL. Numeric hosts in any spelling (``2130706433``, ``0x7f.0.0.1``, ``0177.0.0.1``,
-  ``127.1``) are also parsed here as ``inet_aton`` does and checked, whatever the resolver says.
+  ``127.1``) are also parsed as ``inet_aton`` does and checked, whatever the resolver says.
+  (These address and URL rules are ``corpora/netguard.py``; this module connects and fetches.)
 * The connection goes to the checked address itself (the host name is only sent as ``Host`` and
   as TLS SNI / certificate name), so a second DNS answer (rebinding) is never used.
 * Redirects are followed by hand, at most ``max_redirects``, each hop checked like the first.
@@ -33,15 +34,15 @@ the environment, and admits nothing but those exact address and port pairs.
 from __future__ import annotations
 
 import http.client
-import ipaddress
 import socket
 import ssl
 import threading
 import time
 from typing import NamedTuple, Sequence
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import urljoin
 
 from corpora.htmlpages import html_to_page
+from corpora.netguard import Target, WebFetchError, WebRefused, ascii_host, check_url, ip_address, ip_port
 
 DEFAULT_MAX_BYTES = 2_000_000
 DEFAULT_TIMEOUT = 10.0
@@ -52,18 +53,7 @@ REDIRECT_CODES = (301, 302, 303, 307, 308)
 # Dropped with their content: code, page chrome (menus, banners, sidebars, footers), embeds.
 WEB_DROP_TAGS = ("script", "style", "noscript", "template", "nav", "header", "footer", "aside", "svg", "iframe",
                  "form", "head")
-CGNAT = ipaddress.ip_network("100.64.0.0/10")
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
-IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 USER_AGENT = "webqa-gym (live browsing for a QA agent)"
-
-
-class WebFetchError(Exception):
-    """The page could not be fetched; the message is the reason."""
-
-
-class WebRefused(WebFetchError):
-    """A guard rule refused the URL (or its content); the message is the reason."""
 
 
 class WebPage(NamedTuple):
@@ -72,94 +62,16 @@ class WebPage(NamedTuple):
     text: str
 
 
-class _Target(NamedTuple):
-    scheme: str
-    host: str  # ASCII (IDNA) host name or IP literal, no brackets
-    port: int
-    target: str  # path?query sent in the request line
-    addresses: list[str]  # resolved and checked, in resolver order
-
-
 def looks_like_url(s: str) -> bool:
     """``scheme://...``: what the env sends to the web (``file://`` and ``ftp://`` too, to be refused)."""
     head, sep, _ = s.strip().partition("://")
     return bool(sep) and head[:1].isalpha() and all(c.isalnum() or c in "+.-" for c in head)
 
 
-def parse_numeric_ipv4(host: str) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an ``inet_aton``-style numeric host means (``127.1``, ``2130706433``,
-    ``0x7f.0.0.1``, ``0177.0.0.1``), or None if ``host`` is not one."""
-    parts = host.split(".")
-    if host.endswith("."):
-        parts = parts[:-1]
-    if not 1 <= len(parts) <= 4:
-        return None
-    nums = []
-    for p in parts:
-        try:
-            if p[:2].lower() == "0x":
-                nums.append(int(p[2:] or "0", 16))
-            elif len(p) > 1 and p[0] == "0":
-                nums.append(int(p, 8))
-            elif p.isdigit():
-                nums.append(int(p))
-            else:
-                return None
-        except ValueError:
-            return None
-    last_bits = 32 - 8 * (len(nums) - 1)
-    if any(n > 255 for n in nums[:-1]) or nums[-1] >= 1 << last_bits:
-        return None
-    value = 0
-    for n in nums[:-1]:
-        value = value << 8 | n
-    return ipaddress.IPv4Address(value << last_bits | nums[-1])
-
-
-def address_problem(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """Why connecting to ``ip`` is not allowed, or None for a public unicast address."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = []
-        if ip.ipv4_mapped is not None:
-            embedded.append(ip.ipv4_mapped)
-        if ip in NAT64 or (ip in IPV4_COMPATIBLE and int(ip) > 1):
-            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-        if ip.sixtofour is not None:
-            embedded.append(ip.sixtofour)
-        if ip.teredo is not None:
-            embedded.extend(ip.teredo)
-        for v4 in embedded:
-            problem = address_problem(v4)
-            if problem:
-                return f"an IPv6 address that embeds {problem}"
-        if ip.is_site_local:
-            return "a site-local address"
-    checks = [
-        ("is_unspecified", "an unspecified address"),
-        ("is_loopback", "a loopback address"),
-        ("is_link_local", "a link-local address"),
-        ("is_multicast", "a multicast address"),
-        ("is_private", "a private address"),
-        ("is_reserved", "a reserved address"),
-    ]
-    for attr, reason in checks:
-        if getattr(ip, attr):
-            return reason
-    if ip.version == 4 and ip in CGNAT:
-        return "a shared (CGNAT) address"
-    if not ip.is_global:
-        return "a non-public address"
-    return None
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    return ipaddress.ip_address(text.split("%", 1)[0])  # drop an IPv6 zone (fe80::1%eth0)
-
-
 def open_socket(address: tuple[str, int], timeout: float) -> socket.socket:
     """The one place a connection is opened (tests spy on it): a TCP socket to a checked IP
     literal, connected directly (``socket.create_connection`` would resolve it again)."""
-    family = socket.AF_INET6 if _ip(address[0]).version == 6 else socket.AF_INET
+    family = socket.AF_INET6 if ip_address(address[0]).version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
@@ -212,73 +124,15 @@ class WebFetcher:
             raise ValueError("max_bytes and timeout must be > 0 and max_redirects >= 0")
         if isinstance(test_only_allow, str):
             test_only_allow = [test_only_allow]
-        self.allow_hosts = None if allow_hosts is None else frozenset(_ascii_host(h) for h in allow_hosts)
+        self.allow_hosts = None if allow_hosts is None else frozenset(ascii_host(h) for h in allow_hosts)
         self.max_bytes, self.timeout, self.max_redirects = int(max_bytes), float(timeout), int(max_redirects)
         self.content_types = tuple(t.lower() for t in content_types)
-        self.test_only_allow = frozenset(_ip_port(a) for a in test_only_allow)
+        self.test_only_allow = frozenset(ip_port(a) for a in test_only_allow)
 
-    # -- the guard ------------------------------------------------------------------------------
-    def check(self, url: str) -> _Target:
+    # -- the guard (corpora/netguard.py) ------------------------------------------------------
+    def check(self, url: str) -> Target:
         """Refuse ``url`` (:class:`WebRefused`) or return where to connect: checked addresses."""
-        url = url.strip()
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as e:
-            raise WebRefused(f"malformed URL ({e})") from None
-        scheme = parts.scheme.lower()
-        if scheme not in ("http", "https"):
-            raise WebRefused(f"only http and https URLs can be browsed, not {scheme or 'no scheme'!r}")
-        if "@" in parts.netloc or parts.username is not None or parts.password is not None:
-            raise WebRefused("URLs with credentials (user:password@) are not allowed")
-        if not parts.hostname:
-            raise WebRefused("the URL has no host")
-        if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
-            raise WebRefused("the URL contains spaces or control characters")
-        try:
-            host = _ascii_host(parts.hostname)
-        except ValueError:
-            raise WebRefused("the host name is not valid") from None
-        if port == 0:
-            raise WebRefused("port 0 cannot be browsed")
-        port = port or (443 if scheme == "https" else 80)
-        if self.allow_hosts is not None and host not in self.allow_hosts:
-            raise WebRefused(f"host {host!r} is not in the allowlist")
-        addresses = self._resolve(host, port)
-        target = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
-        if parts.query:
-            target += "?" + quote(parts.query, safe="/%:@!$&'()*+,;=-._~?")
-        return _Target(scheme, host, port, target, addresses)
-
-    def _resolve(self, host: str, port: int) -> list[str]:
-        numeric = parse_numeric_ipv4(host)
-        if numeric is not None:
-            self._check_address(numeric, port)
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as e:
-            raise WebFetchError(f"cannot resolve host {host!r} ({e})") from None
-        addresses: list[str] = []
-        for family, _, _, _, sockaddr in infos:
-            if family not in (socket.AF_INET, socket.AF_INET6):
-                raise WebRefused("the host resolves to a non-IP address")
-            try:
-                ip = _ip(sockaddr[0])
-            except ValueError:
-                raise WebRefused("the host resolves to an unreadable address") from None
-            self._check_address(ip, port)
-            if sockaddr[0] not in addresses:
-                addresses.append(sockaddr[0])
-        if not addresses:
-            raise WebFetchError(f"cannot resolve host {host!r}")
-        return addresses
-
-    def _check_address(self, ip, port: int) -> None:
-        if (ip, port) in self.test_only_allow:
-            return
-        problem = address_problem(ip)
-        if problem:  # the address itself is not echoed: it could leak internal DNS
-            raise WebRefused(f"the host is {problem}, which may not be browsed")
+        return check_url(url, self.allow_hosts, self.test_only_allow)
 
     # -- fetching -------------------------------------------------------------------------------
     def fetch(self, url: str) -> WebPage:
@@ -292,7 +146,7 @@ class WebFetcher:
             url = urljoin(url, got)
         raise WebRefused(f"more than {self.max_redirects} redirects")
 
-    def _get(self, t: _Target, deadline: float) -> _Body | str:
+    def _get(self, t: Target, deadline: float) -> _Body | str:
         """One request to the checked addresses of ``t``: the body, or a redirect's Location."""
         last_error: Exception | None = None
         for ip in t.addresses:  # all checked; the next one only if connecting fails
@@ -340,7 +194,7 @@ class WebFetcher:
             raise WebFetchError(f"the fetch took longer than {self.timeout:g} s")
         raise WebFetchError(f"cannot connect to {t.host!r} ({last_error})")
 
-    def _exchange(self, conn: http.client.HTTPConnection, t: _Target, deadline: float) -> _Body | str:
+    def _exchange(self, conn: http.client.HTTPConnection, t: Target, deadline: float) -> _Body | str:
         conn.putrequest("GET", t.target, skip_accept_encoding=True)
         conn.putheader("Accept", "text/html, application/xhtml+xml, text/plain;q=0.9")
         conn.putheader("Accept-Encoding", "identity")
@@ -386,7 +240,7 @@ class _Body(NamedTuple):
     data: bytes
 
 
-def _to_page(body: _Body, t: _Target) -> WebPage:
+def _to_page(body: _Body, t: Target) -> WebPage:
     """Main text and title of a fetched body (after the connection is closed)."""
     if body.media in HTML_TYPES:
         markup: str | bytes = body.data
@@ -413,28 +267,6 @@ def fetch(url: str, **guard_options) -> WebPage:
     return WebFetcher(**guard_options).fetch(url)
 
 
-def _ascii_host(host: str) -> str:
-    host = host.strip().lower().rstrip(".")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host:
-        raise ValueError("empty host")
-    if ":" in host:  # an IPv6 literal
-        return str(_ip(host))
-    try:
-        return host.encode("idna").decode("ascii")
-    except UnicodeError as e:
-        raise ValueError(str(e)) from None
-
-
-def _ip_port(spec: str) -> tuple:
-    """``"127.0.0.1:8000"`` or ``"[::1]:8000"`` -> (address, port), exact."""
-    host, sep, port = spec.strip().rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"test_only_allow entries are 'ip:port', got {spec!r}")
-    return _ip(host.strip("[]")), int(port)
-
-
 def _charset(params: str) -> str | None:
     for p in params.split(";"):
         k, _, v = p.partition("=")
@@ -443,12 +275,12 @@ def _charset(params: str) -> str | None:
     return None
 
 
-def _display_url(t: _Target) -> str:
+def _display_url(t: Target) -> str:
     host = f"[{t.host}]" if ":" in t.host else t.host
     default = 443 if t.scheme == "https" else 80
     return f"{t.scheme}://{host}{'' if t.port == default else f':{t.port}'}{t.target}"
 
 
-def _fallback_title(t: _Target) -> str:
+def _fallback_title(t: Target) -> str:
     last = t.target.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     return last or t.host

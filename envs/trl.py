@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import gymnasium as gym
 
 import envs  # noqa: F401  (registers the ids)
-from envs.webqa import TOOL_PROMPT
+from envs.render import TOOL_PROMPT
 
 _RESPONSE = re.compile(r"<tool_response>\n?(.*?)\n?</tool_response>", re.DOTALL)
 _THINK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)

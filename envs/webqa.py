@@ -68,7 +68,7 @@ from typing import Any, Sequence
 import gymnasium as gym
 
 from corpora.index import Hit
-from corpora.pages import PageStore, clean_title, window
+from corpora.pages import PageStore, clean_title
 from corpora.qa import load_qa
 from corpora.recording import ReplayMiss, recording_retriever, replay_retriever
 from corpora.retrievers import get_retriever
@@ -76,45 +76,14 @@ from corpora.web import (DEFAULT_MAX_BYTES, DEFAULT_MAX_REDIRECTS, DEFAULT_TIMEO
                          WebRefused, looks_like_url)
 from envs.actions import MAX_ACTION_CHARS, PROTOCOLS, TOOL_SCHEMAS, Action, parse_action
 from envs.grading import DEFAULT_COVER_EM_MAX_TOKENS, REWARD_METRICS, grade
+from envs.render import (TAGS_PROMPT, TOOL_PROMPT, fetch_cached, find_page, page_window, search_r1_observation,
+                         search_results, wrap)
 from envs.spaces import AnyText
 
 MAX_OBS_CHARS = 32_000
 PAGE_SOURCES = ("local", "web")
-WEB_CACHE_PAGES = 16  # live pages kept per episode, so reading on does not fetch again
 OBS_FORMATS = ("default", "search-r1")
-
-
-def search_r1_observation(hits: Sequence[Hit]) -> str:
-    """Search-R1's observation of a search, character for character: each hit as
-    ``Doc i(Title: <the first line of its contents>) <the rest of its contents>`` and a newline
-    (the contents of wiki-18 being ``"Title"\ntext``, the title keeps its quotes), the lines
-    stripped as a whole and wrapped in ``\n\n<information>...</information>\n\n``
-    (``search_r1/llm_agent/generation.py``: ``_passages2string`` and ``execute_predictions``).
-    Passages are not cut; an empty result is an empty ``<information>`` block."""
-    lines = []
-    for i, h in enumerate(hits, 1):
-        first, _, rest = f'"{h.title}"\n{h.text}'.partition("\n")
-        lines.append(f"Doc {i}(Title: {first}) {rest}\n")
-    return "\n\n<information>" + "".join(lines).strip() + "</information>\n\n"
 _PAGE_STORES: dict[tuple[str, str], PageStore | None] = {}
-
-TAGS_PROMPT = (
-    "Answer the question below. Think step by step inside <think> and </think> whenever you "
-    "get new information. If you need knowledge you lack, search Wikipedia by writing "
-    "<search> your query </search>; the top results come back between <information> and "
-    "</information>. To read a whole page, write <browse> Page title </browse>. You can search "
-    "and browse several times, but you have at most {max_turns} actions. When you know the "
-    "answer, give it inside <answer> and </answer> as a short span (a name, date, number, or "
-    "yes/no) with no explanation, for example <answer> Beijing </answer>.\n"
-    "Question: {question}\n"
-)
-
-TOOL_PROMPT = (
-    "Answer the question below using the tools search (Wikipedia BM25 search), browse (read a "
-    "page by title) and answer (give the final short answer: a name, date, number, or yes/no). "
-    "You have at most {max_turns} tool calls; call exactly one tool per turn.\n"
-    "Question: {question}\n"
-)
 
 
 class WebQAEnv(gym.Env[str, str]):
@@ -146,24 +115,9 @@ class WebQAEnv(gym.Env[str, str]):
         web_test_only_allow: Sequence[str] = (),
         render_mode: str | None = None,
     ):
-        if reward not in REWARD_METRICS:
-            raise ValueError(f"reward must be one of {REWARD_METRICS}, got {reward!r}")
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-        if top_k < 1 or max_turns < 1 or browse_words < 1:
-            raise ValueError("top_k, max_turns and browse_words must be >= 1")
-        if render_mode not in (None, "ansi"):
-            raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
-        if obs_format not in OBS_FORMATS:
-            raise ValueError(f"obs_format must be one of {OBS_FORMATS}, got {obs_format!r}")
-        if obs_format == "search-r1" and protocol != "tags":
-            raise ValueError("obs_format='search-r1' renders Search-R1's tag protocol: use protocol='tags'")
+        _check_args(reward, protocol, top_k, max_turns, browse_words, render_mode, obs_format, record, replay, pages)
         self.obs_format = obs_format
-        if record and replay:
-            raise ValueError("record and replay exclude each other: record a run, then replay it")
         self.record, self.replay = record or None, replay or None
-        if pages not in PAGE_SOURCES:
-            raise ValueError(f"pages must be one of {PAGE_SOURCES}, got {pages!r}")
         self.page_source = pages  # (self.pages is the local page store)
         self.web = WebFetcher(web_allow_hosts, web_max_bytes, web_timeout, web_max_redirects,
                               test_only_allow=web_test_only_allow) if pages == "web" else None
@@ -347,85 +301,55 @@ class WebQAEnv(gym.Env[str, str]):
         """OpenAI-style tool schemas for chat templates (``protocol="tool_call"``)."""
         return [dict(t) for t in TOOL_SCHEMAS]
 
-    # -- rendering and scoring -----------------------------------------------------------------
+    # -- rendering (the text itself: envs/render.py) and scoring ---------------------------------
     def _wrap(self, body: str) -> str:
-        if self.protocol == "tool_call":
-            return f"\n<tool_response>\n{body}\n</tool_response>\n"
-        return f"\n\n<information>{body}</information>\n\n"
+        return wrap(body, self.protocol)
 
     def _render_search(self, query: str, hits: Sequence[Hit]) -> str:
         self._searches.append(query)
+        for h in hits:
+            self._seen_titles.add(h.title)
+            self._retrieved_ids.append(h.doc_id)
         if self.obs_format == "search-r1":
-            for h in hits:
-                self._seen_titles.add(h.title)
-                self._retrieved_ids.append(h.doc_id)
             return search_r1_observation(hits)
         if not hits:
             return self._wrap(f"No results for {query!r}. Try other keywords.")
-        lines = []
-        for i, h in enumerate(hits, 1):
-            self._seen_titles.add(h.title)
-            self._retrieved_ids.append(h.doc_id)
-            text = h.text if len(h.text) <= self.passage_chars else h.text[: self.passage_chars] + " ..."
-            lines.append(f"Doc {i} (Title: {h.title}) {text}")
-        return self._wrap("\n".join(lines))
+        return self._wrap(search_results(hits, self.passage_chars))
 
     def _render_browse(self, act: Action) -> str:
         self._browses.append(act.arg)
         if self.web is not None and looks_like_url(act.arg):
             return self._render_web(act)
-        store = self.pages
-        if store is not None:
-            title = store.resolve(act.arg)
-            found = (title, store.text(title)) if title is not None else store.suggest(act.arg)
-        elif hasattr(self.retriever, "page_or_suggestions"):  # a retrieval server's POST /page (or a recording)
-            try:
-                found = self.retriever.page_or_suggestions(act.arg)
-            except ReplayMiss as exc:
-                self._replay_misses += 1
-                return self._wrap(f"Error: {exc}.")
-        else:
+        try:
+            found = find_page(self.pages, self.retriever, act.arg)
+        except ReplayMiss as exc:
+            self._replay_misses += 1
+            return self._wrap(f"Error: {exc}.")
+        if found is None:
             return self._wrap("Error: browsing is not available with this retriever.")
         if not isinstance(found, tuple):
             more = f" Did you mean: {'; '.join(found)}?" if found else ""
             return self._wrap(f"Error: no page titled {clean_title(act.arg)[:100]!r}.{more}")
         title, page_text = found
         self._seen_titles.add(title)
-        text, n_parts = window(page_text, act.part, self.browse_words)
-        part = min(act.part, n_parts)
-        nxt = ""
-        if part < n_parts:
-            how = f"<browse>{title}#{part + 1}</browse>" if self.protocol == "tags" else f'browse with "part": {part + 1}'
-            nxt = f"\n[To read on: {how}]"
-        return self._wrap(f"Page: {title} (part {part} of {n_parts})\n{text}{nxt}")
+        return self._wrap(page_window(title, page_text, act.part, self.browse_words, self.protocol, title))
 
     def _render_web(self, act: Action) -> str:
         """A live page through the guard (``pages="web"``), windowed like a stored page."""
         url = act.arg.strip()
-        page = self._web_cache.get(url)
-        if page is None:
-            try:
-                page = self.web.fetch(url)
-            except WebFetchError as e:
-                if isinstance(e, WebRefused):
-                    self._refused_urls += 1
-                else:
-                    self._fetch_errors += 1
-                return self._wrap(f"Error: cannot browse {url[:100]!r}: {e}.")
-            while len(self._web_cache) >= WEB_CACHE_PAGES:
-                self._web_cache.pop(next(iter(self._web_cache)))
-            self._web_cache[url] = self._web_cache[page.final_url] = page
+        try:
+            page = fetch_cached(self.web, self._web_cache, url)
+        except WebFetchError as e:
+            if isinstance(e, WebRefused):
+                self._refused_urls += 1
+            else:
+                self._fetch_errors += 1
+            return self._wrap(f"Error: cannot browse {url[:100]!r}: {e}.")
         if not page.text.strip():
             return self._wrap(f"Error: the page at {page.final_url[:100]!r} has no text.")
         title = page.title or page.final_url
         self._seen_titles.add(title)
-        text, n_parts = window(page.text, act.part, self.browse_words)
-        part = min(act.part, n_parts)
-        nxt = ""
-        if part < n_parts:
-            how = f"<browse>{page.final_url}#{part + 1}</browse>" if self.protocol == "tags" else f'browse with "part": {part + 1}'
-            nxt = f"\n[To read on: {how}]"
-        return self._wrap(f"Page: {title} (part {part} of {n_parts})\n{text}{nxt}")
+        return self._wrap(page_window(title, page.text, act.part, self.browse_words, self.protocol, page.final_url))
 
     def _final(self, info: dict) -> float:
         ex = self._example
@@ -451,3 +375,24 @@ class WebQAEnv(gym.Env[str, str]):
             end_reason="answer" if answer is not None else "max_turns",
         )
         return float(score)
+
+
+def _check_args(reward: str, protocol: str, top_k: int, max_turns: int, browse_words: int, render_mode: str | None,
+                obs_format: str, record: str | None, replay: str | None, pages: str) -> None:
+    """Refuse a bad combination of ``WebQAEnv`` arguments with a ValueError that names it."""
+    if reward not in REWARD_METRICS:
+        raise ValueError(f"reward must be one of {REWARD_METRICS}, got {reward!r}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if top_k < 1 or max_turns < 1 or browse_words < 1:
+        raise ValueError("top_k, max_turns and browse_words must be >= 1")
+    if render_mode not in (None, "ansi"):
+        raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
+    if obs_format not in OBS_FORMATS:
+        raise ValueError(f"obs_format must be one of {OBS_FORMATS}, got {obs_format!r}")
+    if obs_format == "search-r1" and protocol != "tags":
+        raise ValueError("obs_format='search-r1' renders Search-R1's tag protocol: use protocol='tags'")
+    if record and replay:
+        raise ValueError("record and replay exclude each other: record a run, then replay it")
+    if pages not in PAGE_SOURCES:
+        raise ValueError(f"pages must be one of {PAGE_SOURCES}, got {pages!r}")

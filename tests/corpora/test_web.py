@@ -1,4 +1,4 @@
-"""The live-browsing guard (corpora/web.py) against real loopback servers.
+"""The live-browsing guard (corpora/web.py, corpora/netguard.py) against real loopback servers.
 
 A page server on 127.0.0.1 is reachable only through the explicit ``test_only_allow`` entry for
 its exact ip:port. A canary server on 127.0.0.1 counts every TCP connection it accepts: every
@@ -14,7 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from corpora import web
-from corpora.web import WebFetcher, WebFetchError, WebRefused, address_problem, looks_like_url, parse_numeric_ipv4
+from corpora.netguard import address_problem, parse_numeric_ipv4
+from corpora.web import WebFetcher, WebFetchError, WebRefused, looks_like_url
 
 PAGE = (b"<html><head><title>Test Page</title><style>p{}</style></head><body><nav>menu menu</nav>"
         b"<header>site banner</header><main><h1>Test Page</h1><p>Alpha beta gamma.</p><p>Second para.</p></main>"

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import envs
 from envs.grading import normalize_answer
-from envs.webqa import TAGS_PROMPT
+from envs.render import TAGS_PROMPT
 
 ALL_IDS = sorted(envs.REGISTRY)
 
