@@ -42,7 +42,7 @@ import numpy as np
 from common.files import atomic_write_json, publish_dir
 from corpora.corpus import Passage
 from corpora.docstore import DocStore
-from corpora.index import BM25Params, Hit, build_index
+from corpora.index import BM25Params, Hit, build_index, load_titles
 
 DENSE_KINDS = ("dense", "hybrid")
 DENSE_DIR = "dense"
@@ -289,8 +289,7 @@ class DenseIndex:
     @property
     def titles(self) -> dict[str, list[int]]:
         if self._titles is None:
-            with open(self.folder / "titles.json", encoding="utf-8") as fh:
-                self._titles = json.load(fh)
+            self._titles = load_titles(self.folder)
         return self._titles
 
     def search(self, queries: Sequence[str], k: int = 3) -> list[list[Hit]]:

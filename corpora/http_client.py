@@ -216,52 +216,44 @@ class HttpRetriever:
         got = self.page_or_suggestions(title)
         return got if isinstance(got, tuple) else None
 
-    def page_or_suggestions(self, title: str) -> tuple[str, str] | list[str]:
-        """Like ``page``, but an unknown title gives the server's suggested titles (a list)."""
+    def _post_any(self, path: str, payload: dict, what: str, answers=(200,)) -> requests.Response:
+        """POST ``path`` to the replicas in round-robin order until one answers with a status in
+        ``answers`` (a retryable status or a connection error marks that replica down; another
+        status is the request's fault: ``ValueError``); ``RetrievalError`` when none answers."""
         errors: dict[str, str] = {}
         for url in self._order():
             base = url[: -len("/retrieve")]
             try:
-                r = self.session.post(base + "/page", json={"title": title}, timeout=self.timeout)
+                r = self.session.post(base + path, json=payload, timeout=self.timeout)
             except requests.RequestException as exc:
                 errors[url] = f"{type(exc).__name__}: {exc}"
                 self._mark_down(url, errors[url])
                 continue
-            if r.status_code == 404 and "suggestions" in r.text:
-                return [str(t) for t in r.json().get("suggestions") or []]
+            if r.status_code in answers:
+                return r
             if r.status_code in RETRYABLE_STATUS:
                 errors[url] = f"HTTP {r.status_code}: {_message(r)}"
                 self._mark_down(url, errors[url])
                 continue
-            if r.status_code != 200:
-                raise ValueError(f"retrieval server {base} rejected the page request (HTTP {r.status_code}): {_message(r)}")
-            body = r.json()
-            return str(body["title"]), str(body["text"])
+            raise ValueError(f"retrieval server {base} rejected the {what} request (HTTP {r.status_code}): {_message(r)}")
         detail = "; ".join(f"{u}: {e}" for u, e in errors.items())
-        raise RetrievalError(f"no retrieval server answered /page: {detail}")
+        raise RetrievalError(f"no retrieval server answered {path}: {detail}")
+
+    def page_or_suggestions(self, title: str) -> tuple[str, str] | list[str]:
+        """Like ``page``, but an unknown title gives the server's suggested titles (a list)."""
+        r = self._post_any("/page", {"title": title}, "page", answers=(200, 404))
+        if r.status_code == 404:
+            if "suggestions" not in r.text:
+                raise ValueError(f"retrieval server rejected the page request (HTTP 404): {_message(r)}")
+            return [str(t) for t in r.json().get("suggestions") or []]
+        body = r.json()
+        return str(body["title"]), str(body["text"])
 
     def passages_by_title(self, titles: Sequence[str]) -> dict[str, list[str]]:
         """``POST /passages``: the texts of every passage of each title, in corpus order (the
         server's index order, as an in-process index gives them). Unknown titles map to []."""
-        errors: dict[str, str] = {}
-        for url in self._order():
-            base = url[: -len("/retrieve")]
-            try:
-                r = self.session.post(base + "/passages", json={"titles": list(titles)}, timeout=self.timeout)
-            except requests.RequestException as exc:
-                errors[url] = f"{type(exc).__name__}: {exc}"
-                self._mark_down(url, errors[url])
-                continue
-            if r.status_code in RETRYABLE_STATUS:
-                errors[url] = f"HTTP {r.status_code}: {_message(r)}"
-                self._mark_down(url, errors[url])
-                continue
-            if r.status_code != 200:
-                raise ValueError(f"retrieval server {base} rejected the passages request (HTTP {r.status_code}): {_message(r)}")
-            got = r.json()["passages"]
-            return {t: [parse_contents(str(d["contents"]))[1] for d in got.get(t, [])] for t in titles}
-        detail = "; ".join(f"{u}: {e}" for u, e in errors.items())
-        raise RetrievalError(f"no retrieval server answered /passages: {detail}")
+        got = self._post_any("/passages", {"titles": list(titles)}, "passages").json()["passages"]
+        return {t: [parse_contents(str(d["contents"]))[1] for d in got.get(t, [])] for t in titles}
 
     def health(self) -> dict[str, dict]:
         """``GET /health`` of every replica (an ``{"error": ...}`` entry for those that fail)."""

@@ -233,6 +233,12 @@ def _write_pages(pages: Iterable[tuple[str, str]] | str | Path, folder: Path) ->
     return writer.close()
 
 
+def load_titles(folder) -> dict[str, list[int]]:
+    """An index folder's ``titles.json``: title -> passage indices in corpus order."""
+    with open(Path(folder) / "titles.json", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
 class BM25Index:
     """A loaded index: ``search(queries, k)`` and passage access by position."""
 
@@ -277,6 +283,5 @@ class BM25Index:
     @property
     def titles(self) -> dict[str, list[int]]:
         if self._titles is None:
-            with open(self.folder / "titles.json", encoding="utf-8") as fh:
-                self._titles = json.load(fh)
+            self._titles = load_titles(self.folder)
         return self._titles

@@ -36,6 +36,7 @@ import gymnasium as gym
 from corpora.qa import load_qa
 from envs.actions import MAX_ACTION_CHARS
 from envs.math_grading import extract_answer, is_equivalent
+from envs.questions import pick_question
 from envs.spaces import AnyText
 
 # The usual convention of math RL (Qwen2.5-Math's chain-of-thought prompt)
@@ -77,22 +78,8 @@ class MathEnv(gym.Env[str, str]):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict]:
         super().reset(seed=seed)
-        options = options or {}
-        if "example" in options:
-            ex = dict(options["example"])
-            if not isinstance(ex.get("question"), str) or not ex.get("answers"):
-                raise ValueError("options['example'] needs 'question' and 'answers'")
-            ex["answers"] = [ex["answers"]] if isinstance(ex["answers"], str) else list(ex["answers"])
-            ex.setdefault("id", "custom")
-        elif "question_id" in options:
-            matches = [q for q in self.questions if q["id"] == str(options["question_id"])]
-            if not matches:
-                raise KeyError(f"question id {options['question_id']!r} is not in {self.dataset!r}")
-            ex = matches[0]
-        elif "index" in options:
-            ex = self.questions[int(options["index"]) % len(self.questions)]
-        else:
-            ex = self.questions[int(self.np_random.integers(len(self.questions)))]
+        # an example of your own does not need the QA set loaded
+        ex = pick_question([] if "example" in (options or {}) else self.questions, options, self.np_random, self.dataset)
         self._example, self._done = ex, False
         prompt = self.prompt_template.format(question=ex["question"].strip())
         self._transcript = [prompt]

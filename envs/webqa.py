@@ -76,6 +76,7 @@ from corpora.web import (DEFAULT_MAX_BYTES, DEFAULT_MAX_REDIRECTS, DEFAULT_TIMEO
                          WebRefused, looks_like_url)
 from envs.actions import MAX_ACTION_CHARS, PROTOCOLS, TOOL_SCHEMAS, Action, parse_action
 from envs.grading import DEFAULT_COVER_EM_MAX_TOKENS, REWARD_METRICS, grade
+from envs.questions import pick_question
 from envs.render import (TAGS_PROMPT, TOOL_PROMPT, fetch_cached, find_page, page_window, search_r1_observation,
                          search_results, wrap)
 from envs.spaces import AnyText
@@ -172,22 +173,8 @@ class WebQAEnv(gym.Env[str, str]):
     # -- Gymnasium API ------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict]:
         super().reset(seed=seed)
-        options = options or {}
-        if "example" in options:
-            ex = dict(options["example"])
-            if not isinstance(ex.get("question"), str) or not ex.get("answers"):
-                raise ValueError("options['example'] needs 'question' and 'answers'")
-            ex["answers"] = [ex["answers"]] if isinstance(ex["answers"], str) else list(ex["answers"])
-            ex.setdefault("id", "custom")
-        elif "question_id" in options:
-            matches = [q for q in self.questions if q["id"] == str(options["question_id"])]
-            if not matches:
-                raise KeyError(f"question id {options['question_id']!r} is not in {self.dataset!r}")
-            ex = matches[0]
-        elif "index" in options:
-            ex = self.questions[int(options["index"]) % len(self.questions)]
-        else:
-            ex = self.questions[int(self.np_random.integers(len(self.questions)))]
+        # an example of your own does not need the QA set loaded
+        ex = pick_question([] if "example" in (options or {}) else self.questions, options, self.np_random, self.dataset)
         self._example = ex
         self._turn = 0
         self._invalid = 0

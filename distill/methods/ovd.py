@@ -85,23 +85,23 @@ def _stats(xs: list[float]) -> dict:
             "teacher_score_std": (sum((x - m) ** 2 for x in xs) / len(xs)) ** 0.5}
 
 
-def score_prefixes(trajectories, teacher, grader: GraderConfig, threshold: float | None, seed: int = 0):
-    """Scores of each trajectory's turn prefixes, turn by turn, and where to cut.
+def lazy_scores(n_prefixes: list[int], render, teacher, grader: GraderConfig, threshold: float | None, seed: int = 0):
+    """Scores of each trajectory's prefixes 1..n_prefixes[i] (``render(i, k)``: the chat that asks
+    for prefix k), prefix by prefix, and where to cut.
 
-    With ``threshold`` set, a trajectory's turn k+1 is scored only if turn k was accepted, and
-    ``cuts[i]`` is its first turn scoring below the threshold (None: all accepted). Without it,
-    every turn is scored. A score that cannot be read marks the trajectory dropped (``None`` in
-    ``dropped``). Returns (scores per trajectory per scored turn, cuts, dropped set, counts)."""
-    n = len(trajectories)
+    With ``threshold`` set, prefix k+1 is scored only if prefix k was accepted, and ``cuts[i]`` is
+    the number of prefixes accepted before the first one scoring below it (None: all accepted).
+    Without it, every prefix is scored. A score that cannot be read marks the trajectory dropped.
+    Returns (scores per trajectory per scored prefix, cuts, dropped set, request counts)."""
+    n = len(n_prefixes)
     scores: list[list[float]] = [[] for _ in range(n)]
     cuts: list[int | None] = [None] * n
     dropped: set[int] = set()
     counts: dict[str, float] = {}
-    alive = [i for i in range(n) if trajectories[i].actions]
-    k = 0
+    alive = [i for i in range(n) if n_prefixes[i]]
+    k = 1
     while alive:
-        msgs = [render_trajectory(trajectories[i], k + 1, grader) for i in alive]
-        got, c = grade(teacher, msgs, grader, seed=seed + 7919 * k)
+        got, c = grade(teacher, [render(i, k) for i in alive], grader, seed=seed + 7919 * (k - 1))
         for key, v in c.items():
             counts[key] = counts.get(key, 0) + v
         nxt = []
@@ -111,11 +111,18 @@ def score_prefixes(trajectories, teacher, grader: GraderConfig, threshold: float
                 continue
             scores[i].append(sc)
             if threshold is not None and sc < threshold:
-                cuts[i] = k
-            elif k + 1 < len(trajectories[i].actions):
+                cuts[i] = k - 1
+            elif k < n_prefixes[i]:
                 nxt.append(i)
         alive, k = nxt, k + 1
     return scores, cuts, dropped, counts
+
+
+def score_prefixes(trajectories, teacher, grader: GraderConfig, threshold: float | None, seed: int = 0):
+    """``lazy_scores`` over turn prefixes: ``cuts[i]`` is the first turn (0-based) scoring below
+    the threshold."""
+    return lazy_scores([len(t.actions) for t in trajectories], lambda i, k: render_trajectory(trajectories[i], k, grader),
+                       teacher, grader, threshold, seed)
 
 
 def split_steps(text: str, max_steps: int) -> list[str]:
@@ -134,36 +141,18 @@ def split_steps(text: str, max_steps: int) -> list[str]:
 
 
 def score_step_prefixes(trajectories, teacher, grader: GraderConfig, threshold: float, max_steps: int, seed: int = 0):
-    """``score_prefixes`` for one-turn trajectories, over the steps of their one answer (OVD v2 at
-    step granularity): step prefix k is scored only if prefix k-1 was accepted; the last prefix
-    is the whole trajectory, scored as a finished one. ``cuts[i]`` = how many steps to keep."""
-    n = len(trajectories)
-    steps = [split_steps(t.actions[0], max_steps) if t.actions else [] for t in trajectories]
-    scores: list[list[float]] = [[] for _ in range(n)]
-    cuts: list[int | None] = [None] * n
-    dropped: set[int] = set()
-    counts: dict[str, float] = {}
-    alive = [i for i in range(n) if steps[i]]
-    k = 1
-    while alive:
-        t = trajectories
-        msgs = [render_solution_prefix(t[i].question, gold_of(t[i]), "".join(steps[i][:k]), grader) if k < len(steps[i])
-                else render_trajectory(t[i], None, grader) for i in alive]
-        got, c = grade(teacher, msgs, grader, seed=seed + 7919 * k)
-        for key, v in c.items():
-            counts[key] = counts.get(key, 0) + v
-        nxt = []
-        for i, sc in zip(alive, got):
-            if sc is None:
-                dropped.add(i)
-                continue
-            scores[i].append(sc)
-            if sc < threshold:
-                cuts[i] = k - 1
-            elif k < len(steps[i]):
-                nxt.append(i)
-        alive, k = nxt, k + 1
-    return scores, cuts, dropped, counts, steps
+    """``lazy_scores`` for one-turn trajectories, over the steps of their one answer (OVD v2 at
+    step granularity): the last prefix is the whole trajectory, scored as a finished one.
+    ``cuts[i]`` = how many steps to keep. Also returns the steps."""
+    t = trajectories
+    steps = [split_steps(x.actions[0], max_steps) if x.actions else [] for x in t]
+
+    def render(i: int, k: int):
+        if k < len(steps[i]):
+            return render_solution_prefix(t[i].question, gold_of(t[i]), "".join(steps[i][:k]), grader)
+        return render_trajectory(t[i], None, grader)
+
+    return (*lazy_scores([len(x) for x in steps], render, teacher, grader, threshold, seed), steps)
 
 
 def kept_tokens(student, ids, text_prefix: str) -> int:
