@@ -97,7 +97,6 @@ def merge_metrics(parts: Sequence[tuple[dict, int]]) -> dict:
         return dict(parts[0][0])
     out: dict = {}
     keys = {k for m, _ in parts for k in m}
-    total = sum(n for _, n in parts) or 1
     for k in keys:
         vals = [(m[k], n) for m, n in parts if k in m]
         if k in COUNT_KEYS:
@@ -107,7 +106,7 @@ def merge_metrics(parts: Sequence[tuple[dict, int]]) -> dict:
         elif k.endswith("_max"):
             out[k] = max(v for v, _ in vals)
         else:
-            out[k] = sum(v * n for v, n in vals) / max(sum(n for _, n in vals), 1) if total else 0.0
+            out[k] = sum(v * n for v, n in vals) / max(sum(n for _, n in vals), 1)
     return out
 
 

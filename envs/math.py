@@ -33,10 +33,9 @@ from typing import Any
 
 import gymnasium as gym
 
-from corpora.qa import load_qa
 from envs.actions import MAX_ACTION_CHARS
 from envs.math_grading import extract_answer, is_equivalent
-from envs.questions import pick_question
+from envs.questions import load_questions, pick_question
 from envs.spaces import AnyText
 
 # The usual convention of math RL (Qwen2.5-Math's chain-of-thought prompt)
@@ -66,9 +65,7 @@ class MathEnv(gym.Env[str, str]):
     @property
     def questions(self) -> list[dict]:
         if self._questions is None:
-            self._questions = load_qa(self.dataset, limit=self.limit)
-            if not self._questions:
-                raise ValueError(f"QA set {self.dataset!r} has no questions")
+            self._questions = load_questions(self.dataset, self.limit)
         return self._questions
 
     def __getstate__(self) -> dict:

@@ -7,6 +7,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from corpora.qa import load_qa
+
+
+def load_questions(dataset: str, limit: int | None) -> list[dict]:
+    """An env's QA set (a name or a JSONL path, ``corpora.qa``); an empty one is an error."""
+    questions = load_qa(dataset, limit=limit)
+    if not questions:
+        raise ValueError(f"QA set {dataset!r} has no questions")
+    return questions
+
 
 def pick_question(questions: list[dict], options: dict[str, Any] | None, np_random, dataset: str) -> dict:
     options = options or {}

@@ -69,14 +69,13 @@ import gymnasium as gym
 
 from corpora.index import Hit
 from corpora.pages import PageStore, clean_title
-from corpora.qa import load_qa
 from corpora.recording import ReplayMiss, recording_retriever, replay_retriever
 from corpora.retrievers import get_retriever
 from corpora.web import (DEFAULT_MAX_BYTES, DEFAULT_MAX_REDIRECTS, DEFAULT_TIMEOUT, WebFetcher, WebFetchError,
                          WebRefused, looks_like_url)
 from envs.actions import MAX_ACTION_CHARS, PROTOCOLS, TOOL_SCHEMAS, Action, parse_action
 from envs.grading import DEFAULT_COVER_EM_MAX_TOKENS, REWARD_METRICS, grade
-from envs.questions import pick_question
+from envs.questions import load_questions, pick_question
 from envs.render import (TAGS_PROMPT, TOOL_PROMPT, fetch_cached, find_page, page_window, search_r1_observation,
                          search_results, wrap)
 from envs.spaces import AnyText
@@ -142,9 +141,7 @@ class WebQAEnv(gym.Env[str, str]):
     @property
     def questions(self) -> list[dict]:
         if self._questions is None:
-            self._questions = load_qa(self.dataset, limit=self.limit)
-            if not self._questions:
-                raise ValueError(f"QA set {self.dataset!r} has no questions")
+            self._questions = load_questions(self.dataset, self.limit)
         return self._questions
 
     @property
