@@ -1,21 +1,25 @@
 """Hostile-input benchmark: both servers on 127.0.0.1 against a catalogue of bad requests.
 
-    python -m benchmarks.hostile [--model tiny-random|small] [--servers retrieval,model]
-                                 [--only NAME,...] [--out results/hostile.json]
+    python -m benchmarks.hostile [model=tiny-random|small] [servers=retrieval,model]
+                                 [only=NAME,...] [timeouts=5] [out=results/hostile.json]
+    python -m benchmarks.hostile model=small 'only="half-open,Content-Length: -1"' timeouts=2
+
+Every option is ``key=value`` on :class:`HostileConfig` (an unknown key is an error that names
+it); a value holding ``": "`` is quoted, as above, or it reads as a mapping.
 
 Starts the retrieval server (``python -m corpora.serve --index bundled``) and the model server
-(``python -m agents.openai_server --model tiny-random``; ``--model small`` for the real one) on
+(``python -m agents.openai_server --model tiny-random``; ``model=small`` for the real one) on
 free loopback ports, replays every case of :data:`benchmarks.hostile_cases.CASES` (the attack
 clients and the catalogue live there; this module runs them and reports) against each, one at a
 time, and reports per case: the outcome (an HTTP status, or ``closed`` when the server closed the
 connection without an answer, as it should for a client too slow to finish its request),
 whether it was one of the expected ones, the latency, whether the server still answered
 ``/health`` afterwards, and its RSS before and after. The last case of each server is SIGTERM:
-the exit code and how long it took. Prints a table and writes ``--out`` atomically.
+the exit code and how long it took. Prints a table and writes ``out`` atomically.
 
-Everything is bounded: each case has a timeout, at most ``--connections`` sockets are opened at
-once, slow clients stop after ``--timeouts`` + 3 s, and the servers run with their default
-limits except ``--timeouts`` seconds for ``--idle-timeout``/``--read-timeout`` (default 5, so a
+Everything is bounded: each case has a timeout, a bounded number of sockets is opened at
+once, slow clients stop after ``timeouts`` + 3 s, and the servers run with their default
+limits except ``timeouts`` seconds for their ``--idle-timeout``/``--read-timeout`` (default 5, so a
 slow client is cut off within seconds instead of 30) and a model ``--request-timeout`` of 2 s
 (so the deadline case fits). Only 127.0.0.1 is ever contacted.
 
@@ -26,19 +30,28 @@ sizes its buffers on the first long prompt). The RSS right after start-up is rep
 """
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 from benchmarks.hostile_cases import CASES, HOST, WARM_UP, Case, Target, post, request
 from common.files import atomic_write_json
+
+
+@dataclass
+class HostileConfig:
+    model: str = "tiny-random"  # the model server's --model (tiny-random or small)
+    servers: str = "retrieval,model"  # which servers to run, comma-separated
+    only: str = ""  # run only the cases whose name contains one of these, comma-separated
+    timeouts: float = 5.0  # seconds: the servers' --idle-timeout and --read-timeout
+    out: str = "results/hostile.json"
 
 
 # -- running --------------------------------------------------------------------------------------------
@@ -106,13 +119,11 @@ def table(rows: list[dict], servers: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.hostile", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="tiny-random", help="the model server's --model (tiny-random or small)")
-    ap.add_argument("--servers", default="retrieval,model", help="which servers to run, comma-separated")
-    ap.add_argument("--only", default="", help="run only the cases whose name contains one of these, comma-separated")
-    ap.add_argument("--timeouts", type=float, default=5.0, help="the servers' --idle-timeout and --read-timeout")
-    ap.add_argument("--out", default="results/hostile.json")
-    args = ap.parse_args(argv)
+    from omegaconf import OmegaConf
+
+    from benchmarks.eval import parse_config
+
+    args: HostileConfig = OmegaConf.to_object(parse_config(sys.argv[1:] if argv is None else argv, HostileConfig))
     wanted = [w for w in args.servers.split(",") if w]
     only = [o.strip().lower() for o in args.only.split(",") if o.strip()]
     t_start = time.perf_counter()

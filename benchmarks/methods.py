@@ -1,11 +1,13 @@
 """Method benchmark: training-side cost of each method, and a short learning comparison.
 
     python -m benchmarks.methods                              # cost table, model=small presets
-    python -m benchmarks.methods --model student --steps 1    # the embedded student/teacher pair
-    python -m benchmarks.methods --learn --learn-steps 4      # + ovd vs grpo vs opd, held-out EM
+    python -m benchmarks.methods model=student steps=1        # the embedded student/teacher pair
+    python -m benchmarks.methods learn=true learn_steps=4     # + ovd vs grpo vs opd, held-out EM
+
+Every option is ``key=value`` on :class:`MethodsConfig` (an unknown key is an error that names it).
 
 **Cost.** Each method runs ``python -m distill.run`` in its own process with the same student,
-questions, batch and seed (``--steps`` steps, no evaluation), so each process's peak RSS is
+questions, batch and seed (``steps`` steps, no evaluation), so each process's peak RSS is
 that method's training-side memory, model loading included. Peak RSS counts the pages of the
 memory-mapped weight files (clean page cache, shared between processes, droppable), so the
 table also gives the peak *anonymous* memory during the steps (``peak_anon_mb``: activations,
@@ -19,16 +21,16 @@ the teacher used. On a GPU, ``peak_gpu_mb`` (torch's max allocated) is reported 
 **Learning.** ovd, grpo and opd at equal steps on the HotpotQA train sample, greedy EM/F1 on
 held-out questions (the HotpotQA dev subset) before and after.
 
-Writes JSON (``--out``) and prints Markdown tables.
+Writes JSON (``out``/methods.json) and prints Markdown tables.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +53,7 @@ PRESETS = {
 
 def run_args(label: str, overrides: list[str], common: list[str], out: Path, teacher_url: str | None) -> list[str]:
     """The ``python -m distill.run`` command line of one method's run (printed, so it can be
-    run by hand, e.g. on another core, and picked up later with ``--skip-done``)."""
+    run by hand, e.g. on another core, and picked up later with ``skip_done=true``)."""
     args = [sys.executable, "-m", "distill.run", *overrides, *common, f"output_dir={out / label}", "overwrite=true"]
     if teacher_url and "teacher=http" in overrides:
         args.append(f"teacher.url={teacher_url}")
@@ -132,28 +134,38 @@ def learn_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="small", choices=sorted(PRESETS))
-    ap.add_argument("--methods", default=",".join(PRESETS["small"]))
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--questions", type=int, default=2, help="questions per step")
-    ap.add_argument("--group", type=int, default=2)
-    ap.add_argument("--tokens-per-turn", type=int, default=96)
-    ap.add_argument("--max-turns", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--learn", action="store_true", help="also run the learning comparison")
-    ap.add_argument("--learn-only", action="store_true")
-    ap.add_argument("--learn-steps", type=int, default=4)
-    ap.add_argument("--learn-eval", type=int, default=10, help="held-out questions")
-    ap.add_argument("--learn-methods", default="grpo,ovd,opd")
-    ap.add_argument("--skip-done", action="store_true", help="reuse runs already finished with the same command line")
-    ap.add_argument("--out", default="results/methods")
-    return ap
+@dataclass
+class MethodsConfig:
+    model: str = "small"  # the student preset: small or student (PRESETS)
+    methods: str = ",".join(PRESETS["small"])  # the cost rows, comma-separated
+    steps: int = 2
+    questions: int = 2  # questions per step
+    group: int = 2
+    tokens_per_turn: int = 96
+    max_turns: int = 3
+    threads: int = 1
+    learn: bool = False  # also run the learning comparison
+    learn_only: bool = False
+    learn_steps: int = 4
+    learn_eval: int = 10  # held-out questions
+    learn_methods: str = "grpo,ovd,opd"
+    skip_done: bool = False  # reuse runs already finished with the same command line
+    out: str = "results/methods"
 
 
-def run_cost(a: argparse.Namespace, common: list[str], out: Path) -> list[dict]:
-    """The cost rows: each of ``--methods`` for ``--steps`` steps, no evaluation (``ovd-remote``
+def parse_args(argv: list[str]) -> MethodsConfig:
+    from omegaconf import OmegaConf
+
+    from benchmarks.eval import parse_config
+
+    a: MethodsConfig = OmegaConf.to_object(parse_config(argv, MethodsConfig))
+    if a.model not in PRESETS:
+        raise SystemExit(f"error: bad value for 'model': {a.model!r}; choose from {sorted(PRESETS)}")
+    return a
+
+
+def run_cost(a: MethodsConfig, common: list[str], out: Path) -> list[dict]:
+    """The cost rows: each of ``methods`` for ``steps`` steps, no evaluation (``ovd-remote``
     with the teacher behind a model server started here)."""
     labels = [m for m in a.methods.split(",") if m]
     unknown = [m for m in labels if m not in PRESETS[a.model]]
@@ -178,8 +190,8 @@ def run_cost(a: argparse.Namespace, common: list[str], out: Path) -> list[dict]:
     return rows
 
 
-def run_learn(a: argparse.Namespace, out: Path) -> dict:
-    """The learning rows: each of ``--learn-methods`` for ``--learn-steps`` steps, held-out EM/F1
+def run_learn(a: MethodsConfig, out: Path) -> dict:
+    """The learning rows: each of ``learn_methods`` for ``learn_steps`` steps, held-out EM/F1
     before (evaluated once, with the first method, and shared) and after."""
     lc = [f"model={a.model}", f"steps={a.learn_steps}", f"questions_per_step={a.questions}", f"group_size={a.group}",
           f"max_tokens_per_turn={a.tokens_per_turn}", f"env.max_turns={a.max_turns}", f"threads={a.threads}", "progress=false",
@@ -201,8 +213,8 @@ def run_learn(a: argparse.Namespace, out: Path) -> dict:
     return {"settings": lc, "rows": rows}
 
 
-def main(argv=None) -> int:
-    a = _parser().parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(sys.argv[1:] if argv is None else list(argv))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     common = [f"model={a.model}", f"steps={a.steps}", f"questions_per_step={a.questions}", f"group_size={a.group}",

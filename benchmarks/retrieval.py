@@ -1,56 +1,63 @@
 """Retrieval at scale: build, memory, disk, load and query speed of our BM25 index, against rank-bm25,
 with dense and hybrid retrieval beside them on the bundled corpus.
 
-    python -m benchmarks.retrieval --size 5000000                 # the issue-5 scale run
-    python -m benchmarks.retrieval --size 0 --ref-sizes           # bundled corpus only (BM25, dense, hybrid)
-    python -m benchmarks.retrieval --size 200000 --ref-sizes 20000 --out results/retrieval_200k.json
-    python -m benchmarks.retrieval --size 0 --ref-sizes --bundled-limit 300 --queries 50 --single 20  # a smoke run
+    python -m benchmarks.retrieval size=5000000                   # the issue-5 scale run
+    python -m benchmarks.retrieval size=0 ref_sizes=              # bundled corpus only (BM25, dense, hybrid)
+    python -m benchmarks.retrieval size=200000 ref_sizes=20000 out=results/retrieval_200k.json
+    python -m benchmarks.retrieval size=0 ref_sizes= bundled_limit=300 queries=50 single=20  # a smoke run
+
+Every option is ``key=value`` on :class:`RetrievalConfig` (an unknown key is an error that names
+it); ``ref_sizes`` is a comma list (``ref_sizes=100000,200000``), empty for none.
 
 Rows (each build and each query phase runs in a fresh spawned process, so its peak RSS is its
 own; peak RSS is ``VmHWM`` and counts memory-mapped index pages that were touched, the
 query phase also reports anonymous memory, ``RssAnon``, at its end):
 
-* ``bundled-22980``: the packaged corpus, ours and rank-bm25, and (unless ``--no-dense``)
-  ``dense`` (the embedded all-MiniLM-L6-v2 or ``--dense-model``, faiss ``--dense-faiss``) and
+* ``bundled-22980`` (unless ``bundled=false``): the packaged corpus, ours (``bm25``) and
+  rank-bm25, and (unless ``dense=false``) ``dense`` (the embedded all-MiniLM-L6-v2 or
+  ``dense_model``, faiss ``dense_faiss``: ``flat`` or ``hnsw``) and
   ``hybrid`` (BM25 + dense by reciprocal rank fusion, k=60); the hybrid row queries the dense
-  row's folder (which holds both), so its build figures are the dense build's. Each of bm25s,
+  row's folder (which holds both), so its build figures are the dense build's. Each of bm25,
   dense and hybrid gets supporting-title recall@1/3/10 on the HotpotQA subset (its 500 questions
   as queries, the share of their ``supporting_titles`` among the top-k hits' titles).
-  ``--bundled-limit N`` takes the first N passages only (for a quick check);
-* ``synthetic-R`` for each ``--ref-sizes`` R (default 100k, 200k): ours and rank-bm25 on the
+  ``bundled_limit=N`` takes the first N passages only (for a quick check);
+* ``synthetic-R`` for each ``ref_sizes`` R (default 100k, 200k): ours and rank-bm25 on the
   same corpus and queries; top-10 overlap and identical lists between them;
-* ``synthetic-SIZE``: ours only. rank-bm25 cannot be built at millions of passages here (it
+* ``synthetic-SIZE`` (``size``, 0 for none): ours only. rank-bm25 cannot be built at millions of passages here (it
   keeps a dict per passage and scores every passage in Python), so its build and query costs
   are projected linearly from the largest reference size (both are linear in passages) and
   printed with the ratio to ours;
-* a projection of ours to ``--project`` passages (default 21M, Wikipedia's 100-word
+* a projection of ours to ``project`` passages (default 21M, Wikipedia's 100-word
   passages): build time and disk linear in passages; query latency linear in postings
   touched, i.e. in passages for a fixed word distribution.
 
 Per backend: build wall time and peak RSS, disk size, load time, first-query time, single-query
-p50/p95 latency (``--single`` queries one at a time), batched queries/s (one ``search`` call for
-``--queries`` queries), query-phase peak RSS. rank-bm25 answers ``--ref-queries`` queries.
+p50/p95 latency (``single`` queries one at a time), batched queries/s (one ``search`` call for
+``queries`` queries), query-phase peak RSS. rank-bm25 answers ``ref_queries`` queries (0: 100
+bundled, 20 synthetic).
 
-``--reuse-builds JSON`` re-measures the query side on indexes an earlier run built (its build
+``reuse_builds=JSON`` re-measures the query side on indexes an earlier run built (its build
 figures are copied from that run's JSON and marked ``build_reused_from``).
 
 Synthetic corpus (``benchmarks/synthetic.py``): Zipfian vocabulary (100k words, exponent 1.07 over ranks 51+, the head
 standing for stop words, so the commonest term is in ~28% of passages, as in real text),
 60-140 words per passage; streamed to the cache in 10k-passage blocks, each from its own seed,
 so a smaller corpus is a prefix of a larger one. Queries: 3-6 words drawn from passages of the
-first 100k. Prints a table and writes JSON (``--out``). The machine may be shared: the load
+first 100k. Prints a table and writes JSON (``out``). The machine may be shared: the load
 average before and after is recorded.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
 import platform
 import resource
+import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -81,7 +88,41 @@ def _rss_anon_mb() -> float:
 
 
 DENSE_KINDS = ("dense", "hybrid")
-DENSE: dict = {"model": None, "faiss": "flat"}  # --dense-model, --dense-faiss (read by the build worker)
+DENSE: dict = {"model": None, "faiss": "flat"}  # dense_model, dense_faiss (read by the build worker)
+OURS = "bm25"  # our backend (corpora.index; "bm25s" before the rename, in older results and folders)
+
+
+@dataclass
+class RetrievalConfig:
+    size: int = 1_000_000  # synthetic corpus size for ours only (0: skip)
+    ref_sizes: Optional[str] = "100000,200000"  # sizes run with both backends, comma-separated (empty: none)
+    queries: int = 2000  # queries for the batched measurement
+    single: int = 300  # queries timed one at a time (ours)
+    ref_queries: int = 0  # queries for rank-bm25 (0: 100 bundled, 20 synthetic)
+    project: int = 21_000_000  # passages to project ours to
+    bundled: bool = True  # the bundled corpus rows
+    bundled_limit: int = 0  # only the first N bundled passages (0: all; for a quick check)
+    dense: bool = True  # the dense and hybrid rows
+    dense_model: Optional[str] = None  # encoder for the dense rows (default: the embedded all-MiniLM-L6-v2)
+    dense_faiss: str = "flat"  # flat or hnsw
+    reuse_builds: Optional[str] = None  # skip builds whose index folder exists; build figures from this earlier out JSON
+    out: str = "results/retrieval.json"
+
+
+def parse_args(argv: list[str]) -> tuple[RetrievalConfig, list[int]]:
+    """The config and its ``ref_sizes`` as a list of ints."""
+    from omegaconf import OmegaConf
+
+    from benchmarks.eval import parse_config
+
+    cfg: RetrievalConfig = OmegaConf.to_object(parse_config(argv, RetrievalConfig))
+    if cfg.dense_faiss not in ("flat", "hnsw"):
+        raise SystemExit(f"error: bad value for 'dense_faiss': {cfg.dense_faiss!r}; choose from ['flat', 'hnsw']")
+    try:
+        ref_sizes = [int(x) for x in (cfg.ref_sizes or "").split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: bad value for 'ref_sizes': {cfg.ref_sizes!r}; a comma list of passage counts") from None
+    return cfg, ref_sizes
 
 
 def _build_worker(corpus: str, out_dir: str, backend: str, pages: str | None, total: int | None, progress: bool,
@@ -163,7 +204,7 @@ def _disk_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
 
-REUSE: dict[tuple[str, str], dict] = {}  # (corpus, backend) -> build figures of an earlier run (--reuse-builds)
+REUSE: dict[tuple[str, str], dict] = {}  # (corpus, backend) -> build figures of an earlier run (reuse_builds)
 
 
 def bench_backend(name: str, backend: str, corpus: str, queries: list[str], n_single: int, batch: bool, workdir: Path,
@@ -172,6 +213,10 @@ def bench_backend(name: str, backend: str, corpus: str, queries: list[str], n_si
     """Build (in a child) and query (in another) one backend's index. ``build_from``: query the
     index folder of that backend's row instead of building one (hybrid on the dense folder)."""
     out_dir = workdir / f"{name}-{build_from or backend}"
+    legacy = workdir / f"{name}-bm25s"  # our folders before the backend was renamed bm25
+    if (name, backend) in REUSE and backend == OURS and not (out_dir / "meta.json").exists() \
+            and (legacy / "meta.json").exists():
+        out_dir = legacy
     if build_from:
         b = {}
         print(f"[{name}] {backend}: querying the {build_from} index folder ...", flush=True)
@@ -203,12 +248,12 @@ def compare(fast: dict, ref: dict) -> dict:
 
 def bench_pair(name: str, corpus: str, queries: list[str], n_single: int, ref_queries: int, workdir: Path, pages: str | None = None,
                recall_qs: list | None = None) -> dict:
-    fast = bench_backend(name, "bm25s", corpus, queries, n_single, True, workdir, pages, recall_qs=recall_qs)
+    fast = bench_backend(name, OURS, corpus, queries, n_single, True, workdir, pages, recall_qs=recall_qs)
     ref = bench_backend(name, "rank_bm25", corpus, queries, ref_queries, False, workdir, pages)
     cmp = compare(fast, ref)
     for r in (fast, ref):
         r.pop("top10")
-    return {"corpus": name, "passages": fast["passages"], "backends": {"bm25s": fast, "rank_bm25": ref}, **cmp,
+    return {"corpus": name, "passages": fast["passages"], "backends": {OURS: fast, "rank_bm25": ref}, **cmp,
             "batched_speedup_vs_rank_bm25": fast["batched_qps"] / ref["batched_qps"],
             "single_speedup_vs_rank_bm25": fast["single_qps"] / ref["single_qps"]}
 
@@ -246,36 +291,19 @@ def bundled_slice(limit: int, workdir: Path) -> Path:
     return path
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=int, default=1_000_000, help="synthetic corpus size for ours only (0 = skip)")
-    ap.add_argument("--ref-sizes", type=int, nargs="*", default=[100_000, 200_000], help="sizes run with both backends")
-    ap.add_argument("--queries", type=int, default=2000, help="queries for the batched measurement")
-    ap.add_argument("--single", type=int, default=300, help="queries timed one at a time (ours)")
-    ap.add_argument("--ref-queries", type=int, default=0, help="queries for rank-bm25 (default: 100 bundled, 20 synthetic)")
-    ap.add_argument("--project", type=int, default=21_000_000, help="passages to project ours to")
-    ap.add_argument("--no-bundled", action="store_true")
-    ap.add_argument("--bundled-limit", type=int, default=0, help="only the first N bundled passages (0: all; for a quick check)")
-    ap.add_argument("--no-dense", action="store_true", help="skip the dense and hybrid rows")
-    ap.add_argument("--dense-model", default=None, help="encoder for the dense rows (default: the embedded all-MiniLM-L6-v2)")
-    ap.add_argument("--dense-faiss", default="flat", choices=["flat", "hnsw"])
-    ap.add_argument("--reuse-builds", default=None, metavar="JSON",
-                    help="skip builds whose index folder exists; take their build figures from this earlier --out")
-    ap.add_argument("--out", default="results/retrieval.json")
-    return ap
-
-
 def load_reuse(path: str) -> None:
-    """Fill ``REUSE`` with the build figures of an earlier run's JSON (``--reuse-builds``)."""
+    """Fill ``REUSE`` with the build figures of an earlier run's JSON (``reuse_builds``)."""
+    from corpora.index import canonical_backend
+
     for res in json.loads(Path(path).read_text())["results"]:
         for backend, r in res["backends"].items():
-            REUSE[(res["corpus"], backend)] = {"build_s": r["build_s"], "build_peak_rss_mb": r["build_peak_rss_mb"],
+            REUSE[(res["corpus"], canonical_backend(backend))] = {"build_s": r["build_s"], "build_peak_rss_mb": r["build_peak_rss_mb"],
                                                "build_reused_from": path}
 
 
-def bench_bundled(args, workdir: Path) -> dict:
-    """The bundled corpus row (or its first ``--bundled-limit`` passages): ours and rank-bm25,
-    then dense and hybrid unless ``--no-dense``, with HotpotQA supporting-title recall."""
+def bench_bundled(args: RetrievalConfig, workdir: Path) -> dict:
+    """The bundled corpus row (or its first ``bundled_limit`` passages): ours and rank-bm25,
+    then dense and hybrid unless ``dense=false``, with HotpotQA supporting-title recall."""
     from corpora.corpus import BUNDLED_PAGES, BUNDLED_PASSAGES, data_path
     from corpora.qa import load_qa
 
@@ -287,33 +315,34 @@ def bench_bundled(args, workdir: Path) -> dict:
         corpus, pages, name = str(bundled_slice(args.bundled_limit, workdir)), None, f"bundled-first-{args.bundled_limit}"
     res = bench_pair(name, corpus, qs[: args.queries], min(args.single, len(qs)), args.ref_queries or 100, workdir,
                      pages, recall_qs)
-    if not args.no_dense:
+    if args.dense:
         bench_dense(res, corpus, qs[: args.queries], min(args.single, len(qs)), workdir, pages, recall_qs)
     return res
 
 
-def bench_synthetic(args, sizes: list[int], workdir: Path) -> tuple[list[dict], list[dict], dict | None, float]:
-    """The synthetic rows: ours and rank-bm25 at each ``--ref-sizes``, ours alone at ``--size``.
+def bench_synthetic(args: RetrievalConfig, ref_sizes: list[int], sizes: list[int],
+                    workdir: Path) -> tuple[list[dict], list[dict], dict | None, float]:
+    """The synthetic rows: ours and rank-bm25 at each of ``ref_sizes``, ours alone at ``size``.
     Returns (rows, the reference rows, the ours-only row or None, corpus generation seconds)."""
     results, refs, big = [], [], None
     t0 = time.perf_counter()
     largest = synthetic_corpus(max(sizes))
     gen_s = time.perf_counter() - t0
     queries = synthetic_queries(largest, args.queries)
-    for r in sorted(args.ref_sizes):
+    for r in sorted(ref_sizes):
         refs.append(bench_pair(f"synthetic-{r}", str(synthetic_corpus(r)), queries, args.single, args.ref_queries or 20, workdir))
         results.append(refs[-1])
-    if args.size and args.size not in args.ref_sizes:
-        fast = bench_backend(f"synthetic-{args.size}", "bm25s", str(largest), queries, args.single, True, workdir,
+    if args.size and args.size not in ref_sizes:
+        fast = bench_backend(f"synthetic-{args.size}", OURS, str(largest), queries, args.single, True, workdir,
                              total=args.size, progress=True)
         fast.pop("top10")
-        big = {"corpus": f"synthetic-{args.size}", "passages": fast["passages"], "backends": {"bm25s": fast}}
+        big = {"corpus": f"synthetic-{args.size}", "passages": fast["passages"], "backends": {OURS: fast}}
         results.append(big)
     return results, refs, big, gen_s
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    args, ref_sizes = parse_args(sys.argv[1:] if argv is None else list(argv))
     if args.reuse_builds:
         load_reuse(args.reuse_builds)
     load_before = os.getloadavg()
@@ -323,12 +352,12 @@ def main(argv: list[str] | None = None) -> None:
     results, refs, big = [], [], None
     DENSE.update(model=args.dense_model, faiss=args.dense_faiss)
     recall = None
-    if not args.no_bundled:
+    if args.bundled:
         results.append(bench_bundled(args, workdir))
-        recall = results[-1]["backends"]["bm25s"]["title_recall"]
-    sizes = sorted(set(args.ref_sizes + ([args.size] if args.size else [])))
+        recall = results[-1]["backends"][OURS]["title_recall"]
+    sizes = sorted(set(ref_sizes + ([args.size] if args.size else [])))
     if sizes:
-        rows, refs, big, gen_s = bench_synthetic(args, sizes, workdir)
+        rows, refs, big, gen_s = bench_synthetic(args, ref_sizes, sizes, workdir)
         results += rows
     proj = projections(big, refs, args.project) if big and refs else None
     print_table(results, proj)
@@ -340,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "loadavg_before": load_before, "loadavg_after": load_after},
-        "args": vars(args),
+        "args": {**asdict(args), "ref_sizes": ref_sizes},
         "results": results,
         "projections": proj,
         "hotpotqa_title_recall": recall,

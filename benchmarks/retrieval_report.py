@@ -4,10 +4,15 @@ supporting-title recall, ours against rank-bm25)."""
 from __future__ import annotations
 
 
+def _ours(backends: dict) -> dict:
+    """Our backend's row: ``bm25``, or ``bm25s`` (its name before the rename) in older results."""
+    return backends["bm25"] if "bm25" in backends else backends["bm25s"]
+
+
 def projections(big: dict, refs: list[dict], project: int) -> dict:
     """rank-bm25 at the big size and ours at ``project`` passages, linear in passages."""
     n = big["passages"]
-    ours = big["backends"]["bm25s"]
+    ours = _ours(big["backends"])
     ref = max(refs, key=lambda r: r["passages"])
     rb = ref["backends"]["rank_bm25"]
     m = ref["passages"]
@@ -39,7 +44,7 @@ def print_table(results: list[dict], proj: dict | None) -> None:
         big = results[-1]
         print(f"| {big['corpus']} | rank_bm25 (projected from {rp['from_passages']:,}) | {big['passages']:,} | {rp['build_s']:.0f} | - | - | - | - | "
               f"{rp['query_ms']:.0f} | - | {1000 / rp['query_ms']:.3f} | - |")
-        print(f"| projected | bm25s (linear) | {op['passages']:,} | {op['build_s']:.0f} | - | {op['disk_mb']:.0f} | - | - | "
+        print(f"| projected | bm25 (linear) | {op['passages']:,} | {op['build_s']:.0f} | - | {op['disk_mb']:.0f} | - | - | "
               f"{op['p50_ms']:.1f} | {op['p95_ms']:.1f} | {op['batched_qps']:.1f} | - |")
     recalls = [(res["corpus"], name, r["title_recall"]) for res in results for name, r in res["backends"].items() if "title_recall" in r]
     if recalls:

@@ -1,33 +1,51 @@
 """Load test of the retrieval server: N concurrent clients, Search-R1 requests, a fixed count.
 
-    python -m benchmarks.server_load [--url http://127.0.0.1:8000] [--clients 64] [--requests 2000]
-                                     [--topk 3] [--out results/server_load.json]
+    python -m benchmarks.server_load [url=http://127.0.0.1:8000] [clients=64] [requests=2000]
+                                     [topk=3] [out=results/server_load.json]
+    python -m benchmarks.server_load clients=16 client_procs=2 compare_unbatched=true
 
-Without ``--url`` it starts ``python -m corpora.serve --index bundled`` (``--index`` to change)
-on a free loopback port and stops it at the end; ``--server-args`` passes options to it, e.g.
-``--server-args="--max-batch 1"`` to see the server without micro-batching. Each request is one
+Every option is ``key=value`` on :class:`ServerLoadConfig` (an unknown key is an error that
+names it). Without ``url`` it starts ``python -m corpora.serve --index bundled`` (``index=`` to
+change) on a free loopback port and stops it at the end; ``server_args`` passes options to it,
+e.g. ``server_args="--max-batch 1"`` to see the server without micro-batching
+(``compare_unbatched=true`` adds that run to the micro-batched one). Each request is one
 real HotpotQA question (``corpora.qa.load_qa('hotpotqa')``, cycled) with ``topk`` 3 and
-``return_scores`` true, sent by plain ``requests`` from ``--clients`` threads (one keep-alive
-session each) that together send ``--requests`` requests. Prints a table (throughput, latency
-p50/p90/p99/max, errors, the server's mean batch size) and writes the same as JSON to ``--out``.
+``return_scores`` true, sent by plain ``requests`` from ``clients`` threads (one keep-alive
+session each; spread over ``client_procs`` processes) that together send ``requests`` requests.
+Prints a table (throughput, latency p50/p90/p99/max, errors, the server's mean batch size) and
+writes the same as JSON to ``out``.
 Client threads and the server share the machine's cores, so the figures are a lower bound for
 a server with a machine of its own.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import shlex
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import requests
 
 from common.files import atomic_write_json
 from corpora.qa import load_qa
+
+
+@dataclass
+class ServerLoadConfig:
+    url: Optional[str] = None  # an already running server; empty: start one
+    index: str = "bundled"  # the started server's --index
+    clients: int = 64
+    requests: int = 2000
+    topk: int = 3
+    client_procs: int = 1  # spread the client threads over this many processes
+    server_args: str = ""  # options for the started server, one string, e.g. "--max-batch 1"
+    compare_unbatched: bool = False  # also run a server with --max-batch 1
+    out: str = "results/server_load.json"
 
 
 def percentile(sorted_ms: list[float], p: float) -> float:
@@ -118,7 +136,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_one(args, queries: list[str], label: str, server_args: list[str]) -> dict:
+def run_one(args: ServerLoadConfig, queries: list[str], label: str, server_args: list[str]) -> dict:
     from corpora.serve import ServerProcess
 
     srv = None
@@ -142,17 +160,11 @@ def run_one(args, queries: list[str], label: str, server_args: list[str]) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.server_load", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--url", default=None, help="an already running server; default: start one")
-    ap.add_argument("--index", default="bundled")
-    ap.add_argument("--clients", type=int, default=64)
-    ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--topk", type=int, default=3)
-    ap.add_argument("--client-procs", type=int, default=1, help="spread the client threads over this many processes")
-    ap.add_argument("--server-args", default="", help="options for the started server, one string")
-    ap.add_argument("--compare-unbatched", action="store_true", help="also run a server with --max-batch 1")
-    ap.add_argument("--out", default="results/server_load.json")
-    args = ap.parse_args(argv)
+    from omegaconf import OmegaConf
+
+    from benchmarks.eval import parse_config
+
+    args: ServerLoadConfig = OmegaConf.to_object(parse_config(sys.argv[1:] if argv is None else argv, ServerLoadConfig))
     queries = [q["question"] for q in load_qa("hotpotqa")]
     runs = [run_one(args, queries, "micro-batched" if not args.url else args.url, shlex.split(args.server_args))]
     if args.compare_unbatched and not args.url:

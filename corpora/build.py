@@ -1,6 +1,6 @@
 """Build a BM25, dense or hybrid index folder from a corpus file, a Wikipedia dump or HTML pages.
 
-    python -m corpora.build --corpus wiki.jsonl --out indexes/wiki [--backend bm25s rank_bm25]
+    python -m corpora.build --corpus wiki.jsonl --out indexes/wiki [--backend bm25 rank_bm25]
                             [--pages pages.jsonl] [--k1 0.9 --b 0.4]
     python -m corpora.build --corpus enwiki-latest-pages-articles.xml.bz2 --out indexes/enwiki
     python -m corpora.build --format html --corpus 'saved/**/*.html' --out indexes/saved
@@ -17,10 +17,11 @@ or a glob of HTML files (``corpora/htmlpages.py``). Dumps and HTML are cut into 
 indexes the packaged mini-corpus. ``--pages`` adds full page texts (JSONL ``{"title","text"}``)
 for JSONL/TSV corpora.
 
-``--backend dense`` or ``hybrid`` (on its own) builds the bm25s folder as above and embeds every
-passage with ``--model`` (default the embedded all-MiniLM-L6-v2; an E5/BGE path or hub name
-works too; ``corpora/encoder.py``) into a faiss index, ``--faiss flat`` (exact) or ``hnsw``
-(``corpora/dense.py``). ``--corpus`` may then be an existing index folder: its files are
+``--backend bm25`` (the default; ``bm25s``, its old name, is accepted too) is our BM25 index,
+``rank_bm25`` the exact reference. ``--backend dense`` or ``hybrid`` (on its own) builds the BM25
+folder as above and embeds every passage with ``--model`` (default the embedded
+all-MiniLM-L6-v2; an E5/BGE path or hub name works too; ``corpora/encoder.py``) into a faiss
+index, ``--faiss flat`` (exact) or ``hnsw`` (``corpora/dense.py``). ``--corpus`` may then be an existing index folder: its files are
 hard-linked and its embeddings reused when they match, so ``--backend hybrid`` on a dense folder
 encodes nothing. Hybrid search fuses BM25 and dense by reciprocal rank fusion (``--rrf-k``,
 ``--rrf-depth``; ``corpora/hybrid.py``). The folder's ``meta.json`` ``kind`` tells
@@ -40,7 +41,7 @@ from pathlib import Path
 from corpora.corpus import BUNDLED_PAGES, BUNDLED_PASSAGES, data_path
 from corpora.dense import DENSE_KINDS, FAISS_TYPES, FaissParams, FusionParams
 from corpora.encoder import DEFAULT_ENCODER
-from corpora.index import BACKENDS, BM25Params, build_index
+from corpora.index import BACKEND_ALIASES, BACKENDS, BM25Params, build_index, canonical_backend
 from corpora.streambuild import BLOCK_POSTINGS, CHUNK_TOKENS
 
 FORMATS = ("auto", "jsonl", "tsv", "wikixml", "html", "index")
@@ -67,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--corpus", required=True, help="corpus file, dump, HTML folder/glob, or 'bundled'")
     ap.add_argument("--out", required=True, help="index folder to create (replaced if it exists)")
     ap.add_argument("--format", default="auto", choices=FORMATS)
-    ap.add_argument("--backend", nargs="+", default=["bm25s"], choices=[*BACKENDS, *DENSE_KINDS],
-                    help="BM25 backends, or dense / hybrid alone")
+    ap.add_argument("--backend", nargs="+", default=["bm25"], choices=[*BACKENDS, *DENSE_KINDS, *BACKEND_ALIASES],
+                    help="BM25 backends, or dense / hybrid alone (bm25s: the old name of bm25)")
     ap.add_argument("--pages", default=None, help="optional full pages JSONL for browsing (jsonl/tsv corpora)")
     ap.add_argument("--words", type=int, default=100, help="words per passage (wikixml/html)")
     ap.add_argument("--parser", default="auto", choices=["auto", "mwparserfromhell", "regex"], help="wikitext parser (wikixml)")
@@ -111,9 +112,10 @@ def input_problem(fmt: str, kind: str | None, corpus: str, pages) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.backend = list(dict.fromkeys(canonical_backend(b) for b in args.backend))
     kinds = [b for b in args.backend if b in DENSE_KINDS]
     if kinds and len(args.backend) != 1:
-        return _error("--backend dense or hybrid stands alone (its folder holds a bm25s index too)")
+        return _error("--backend dense or hybrid stands alone (its folder holds a bm25 index too)")
     kind = kinds[0] if kinds else None
     corpus, pages = args.corpus, args.pages
     if corpus == "bundled":
@@ -173,7 +175,7 @@ def _build_bm25(args: argparse.Namespace, fmt: str, corpus: str, pages, params: 
 
 
 def _build_dense(args: argparse.Namespace, kind: str, fmt: str, corpus: str, pages, params: BM25Params) -> Path:
-    """The bm25s folder (built in a scratch folder unless ``corpus`` is one), then the embeddings."""
+    """The BM25 folder (built in a scratch folder unless ``corpus`` is one), then the embeddings."""
     from corpora.dense import build_dense_index
     from corpora.encoder import Encoder
 
@@ -187,7 +189,7 @@ def _build_dense(args: argparse.Namespace, kind: str, fmt: str, corpus: str, pag
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.bm25-"))
     try:
-        base = _build_bm25(args, fmt, corpus, pages, params, scratch / "bm25", ["bm25s"])
+        base = _build_bm25(args, fmt, corpus, pages, params, scratch / "bm25", ["bm25"])
         return build_dense_index(base, out, **kw)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -28,7 +28,6 @@ query with no indexable word).
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -42,7 +41,7 @@ import numpy as np
 from common.files import atomic_write_json, publish_dir
 from corpora.corpus import Passage
 from corpora.docstore import DocStore
-from corpora.index import BM25Params, Hit, build_index, load_titles
+from corpora.index import BM25Params, Hit, build_index, load_titles, read_meta
 
 DENSE_KINDS = ("dense", "hybrid")
 DENSE_DIR = "dense"
@@ -84,13 +83,6 @@ class FusionParams:
     method: str = "rrf"
     k: float = 60.0  # RRF's constant: score = sum over lists of 1 / (k + rank)
     depth: int = 100  # candidates taken from each list
-
-
-def read_meta(folder: str | Path) -> dict:
-    path = Path(folder) / "meta.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{folder} is not an index folder (no meta.json); build one with python -m corpora.build")
-    return json.loads(path.read_text())
 
 
 def index_kind(folder: str | Path) -> str:
@@ -208,19 +200,19 @@ def build_dense_index(
 
 def _bm25_part(source, base: Path, encoder, params: FaissParams, bm25_params: BM25Params | None, show_progress: bool,
                total: int | None, pages) -> tuple[Path | None, str | None]:
-    """Lay the bm25s part of the folder into ``base``: hard links of the index folder ``source``
+    """Lay the BM25 part of the folder into ``base``: hard links of the index folder ``source``
     (its dense files too when ``_reuse`` says they serve as they are), or a build of the corpus.
     Returns ``(source as a path or None, what of its embeddings is reused: "index", "vectors" or None)``."""
     src = Path(source) if isinstance(source, (str, Path)) else None
     if src is not None and (src / "meta.json").exists():
         src_meta = read_meta(src)
-        if "bm25s" not in src_meta.get("backends", []):
-            raise ValueError(f"{src} has no bm25s index to build on; rebuild it with --backend bm25s")
+        if "bm25" not in src_meta.get("backends", []):  # read_meta: an old "bm25s" reads as "bm25"
+            raise ValueError(f"{src} has no bm25 index to build on; rebuild it with --backend bm25")
         reuse = _reuse(src_meta, src, encoder, params)
         shutil.copytree(src, base, copy_function=_link_or_copy,
                         ignore=None if reuse == "index" else shutil.ignore_patterns(DENSE_DIR))
         return src, reuse
-    build_index(source, base, backends=("bm25s",), params=bm25_params, show_progress=show_progress, total=total,
+    build_index(source, base, backends=("bm25",), params=bm25_params, show_progress=show_progress, total=total,
                 pages=pages)
     return src, None
 

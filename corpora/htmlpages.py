@@ -149,7 +149,7 @@ def convert_html(source: str | Path, passages_out: str | Path, pages_out: str | 
     return stats
 
 
-def build_html_index(source: str | Path, out_dir: str | Path, backends: Sequence[str] = ("bm25s",), params=None,
+def build_html_index(source: str | Path, out_dir: str | Path, backends: Sequence[str] = ("bm25",), params=None,
                      words: int = WORDS_PER_PASSAGE, show_progress: bool = True,
                      keep_passages: str | Path | None = None) -> tuple[Path, dict]:
     """HTML files -> passages + pages -> BM25 index folder."""

@@ -47,7 +47,7 @@ def rrf_fuse(rankings: Sequence[Sequence[int]], k: int, rrf_k: float = RRF_K,
 class HybridIndex:
     """BM25 (``backend``) and dense search over one index folder, fused by RRF."""
 
-    def __init__(self, folder: str | Path, backend: str = "bm25s", model: str | None = None, mmap: bool = True,
+    def __init__(self, folder: str | Path, backend: str = "bm25", model: str | None = None, mmap: bool = True,
                  rrf_k: float | None = None, depth: int | None = None, ef_search: int | None = None,
                  device: str | None = None):
         from corpora.dense import DenseIndex

@@ -8,12 +8,16 @@ An index folder holds
 * format 2 (what ``build_index`` writes): ``postings/{indptr,indices,data}.npy``, one
   term-major CSC matrix of final BM25 weights, and ``vocab*`` (``vocab.py``), built by the
   streamed, bounded-memory builder in ``streambuild.py``; all memory-mapped at load;
-* format 1 (older builds, still loaded): ``bm25s/``, the bm25s library's saved index;
+* format 1 (older builds, still loaded): ``bm25s/``, the bm25s library's saved index (loading
+  one needs that library: ``pip install bm25s``);
 * ``rank_bm25.pkl``: the rank-bm25 ``BM25Okapi`` object, if built (small corpora only: it
   holds every token list in memory).
 
-The fast backend is called ``bm25s`` in both formats (configs name it so); format 2 only uses
-the same CSC layout, written by our own builder, and ``kernels.topk`` for queries.
+The fast backend is called ``bm25`` in both formats; format 2 uses the CSC layout of the bm25s
+library, written by our own builder, and ``kernels.topk`` for queries (no bm25s code). Its old
+name ``bm25s`` is still accepted everywhere a backend is named (:func:`canonical_backend`),
+including the ``backends`` list of an existing folder's ``meta.json``, which older builds wrote
+as ``["bm25s"]``; :func:`read_meta` normalises it, new builds write ``"bm25"``.
 
 Scoring is the classic Robertson BM25 (rank-bm25's ``BM25Okapi``; bm25s ``method="robertson"``)
 with Pyserini's k1=0.9, b=0.4 by default, the setting Search-R1 and FlashRAG use for BM25.
@@ -47,8 +51,26 @@ from corpora.streambuild import BLOCK_POSTINGS, CHUNK_TOKENS, POSTINGS, stream_b
 from corpora.tokenize import TOKENIZER_VERSION, tokenize
 from corpora.vocab import Vocab
 
-BACKENDS = ("bm25s", "rank_bm25")
+BACKENDS = ("bm25", "rank_bm25")
+BACKEND_ALIASES = {"bm25s": "bm25"}  # old name -> name: accepted wherever a backend is read
 INDEX_FORMAT = 2
+
+
+def canonical_backend(name: str) -> str:
+    """A backend name with its alias resolved (``bm25s`` -> ``bm25``); other names unchanged."""
+    return BACKEND_ALIASES.get(name, name)
+
+
+def read_meta(folder: str | Path) -> dict:
+    """An index folder's ``meta.json``, its ``backends`` list in canonical names (older builds
+    wrote ``"bm25s"``)."""
+    path = Path(folder) / "meta.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} is not an index folder (no meta.json); build one with python -m corpora.build")
+    meta = json.loads(path.read_text())
+    if "backends" in meta:
+        meta["backends"] = list(dict.fromkeys(canonical_backend(b) for b in meta["backends"]))
+    return meta
 
 
 class Hit(NamedTuple):
@@ -73,7 +95,7 @@ class BM25Params:
 class _CscBackend:
     """Format 2: our own CSC of final weights (``streambuild.py``), vocabulary on disk."""
 
-    name = "bm25s"
+    name = "bm25"
 
     def __init__(self, folder: Path, num_docs: int, mmap: bool = True):
         d = folder / POSTINGS
@@ -97,9 +119,10 @@ class _CscBackend:
 
 
 class _Bm25sBackend:
-    """Format 1: an index saved by the bm25s library (load only; builds now write format 2)."""
+    """Format 1: an index saved by the bm25s library (load only; builds now write format 2).
+    The only user of the bm25s library: it reads the library's own save in ``bm25s/``."""
 
-    name = "bm25s"
+    name = "bm25"
 
     def __init__(self, model):
         self.model = model
@@ -115,7 +138,12 @@ class _Bm25sBackend:
 
     @classmethod
     def load(cls, folder: Path, meta: dict, mmap: bool = True) -> "_Bm25sBackend":
-        import bm25s
+        try:
+            import bm25s
+        except ImportError as exc:
+            raise ImportError(f"{folder} is a format-1 index (saved by the bm25s library); loading it needs that "
+                              "library: pip install bm25s (or rebuild the folder with python -m corpora.build, "
+                              "which writes format 2 and needs no bm25s)") from exc
 
         # bm25s stores the index; queries run through corpora.kernels (numba with an on-disk cache)
         model = bm25s.BM25.load(str(folder / "bm25s"), mmap=mmap, show_progress=False)
@@ -156,22 +184,23 @@ class _RankBm25Backend:
         return out
 
 
-_BACKEND_TABLE = {"bm25s": _CscBackend, "rank_bm25": _RankBm25Backend}
-_FORMAT1_TABLE = {"bm25s": _Bm25sBackend, "rank_bm25": _RankBm25Backend}
+_BACKEND_TABLE = {"bm25": _CscBackend, "rank_bm25": _RankBm25Backend}
+_FORMAT1_TABLE = {"bm25": _Bm25sBackend, "rank_bm25": _RankBm25Backend}
 
 
 def _check_backends(backends: Iterable[str]) -> tuple[str, ...]:
-    backends = tuple(backends)
+    """Canonical names (aliases resolved, repeats dropped); unknown names are an error."""
+    backends = tuple(dict.fromkeys(canonical_backend(b) for b in backends))
     bad = [b for b in backends if b not in _BACKEND_TABLE]
     if bad or not backends:
-        raise ValueError(f"unknown BM25 backend(s) {bad}; choose from {list(BACKENDS)}")
+        raise ValueError(f"unknown BM25 backend(s) {bad}; choose from {list(BACKENDS)} (bm25s: the old name of bm25)")
     return backends
 
 
 def build_index(
     passages: Iterable[Passage] | str | Path,
     out_dir: str | Path,
-    backends: Sequence[str] = ("bm25s",),
+    backends: Sequence[str] = ("bm25",),
     params: BM25Params | None = None,
     show_progress: bool = True,
     total: int | None = None,
@@ -196,7 +225,7 @@ def build_index(
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.build-"))
     try:
-        stats = stream_build(passages, tmp, params.k1, params.b, build_csc="bm25s" in backends,
+        stats = stream_build(passages, tmp, params.k1, params.b, build_csc="bm25" in backends,
                              keep_token_lists="rank_bm25" in backends, show_progress=show_progress, total=total, source=source,
                              chunk_tokens=chunk_tokens, block_postings=block_postings)
         stats.pop("titles").write_json(tmp / "titles.json")
@@ -242,18 +271,15 @@ def load_titles(folder) -> dict[str, list[int]]:
 class BM25Index:
     """A loaded index: ``search(queries, k)`` and passage access by position."""
 
-    def __init__(self, folder: str | Path, backend: str = "bm25s", mmap: bool = True):
+    def __init__(self, folder: str | Path, backend: str = "bm25", mmap: bool = True):
         self.folder = Path(folder)
-        meta_path = self.folder / "meta.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{self.folder} is not an index folder (no meta.json); build one with python -m corpora.build")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_meta(self.folder)
         if self.meta.get("tokenizer") != TOKENIZER_VERSION:
             raise ValueError(
                 f"index {self.folder} was built with tokenizer {self.meta.get('tokenizer')!r}, "
                 f"this code uses {TOKENIZER_VERSION!r}: rebuild it"
             )
-        _check_backends([backend])
+        (backend,) = _check_backends([backend])
         if backend not in self.meta["backends"]:
             raise ValueError(f"index {self.folder} has backends {self.meta['backends']}, not {backend!r}; rebuild with --backend {backend}")
         self.backend_name = backend

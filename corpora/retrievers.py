@@ -9,9 +9,10 @@ A spec is a string, so envs stay picklable and configs stay plain:
 * a corpus file (JSONL / Search-R1 JSONL / DPR TSV): indexed into the cache on first use;
 * ``http://host:port`` (or several, comma-separated): a Search-R1-compatible retrieval server.
 
-``backend`` names the BM25 backend (``bm25s``, ``rank_bm25``), or ``dense`` / ``hybrid``: a
-dense folder opens as that kind, and ``"bundled"`` or a corpus file is indexed densely (with
-the embedded all-MiniLM-L6-v2; minutes of encoding on a CPU, once) into the cache.
+``backend`` names the BM25 backend (``bm25``, ``rank_bm25``; ``bm25s``, the old name of ``bm25``,
+is accepted), or ``dense`` / ``hybrid``: a dense folder opens as that kind, and ``"bundled"`` or
+a corpus file is indexed densely (with the embedded all-MiniLM-L6-v2; minutes of encoding on a
+CPU, once) into the cache.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from common.files import cache_root, file_lock
 from corpora.corpus import BUNDLED_PAGES, BUNDLED_PASSAGES, data_path
 from corpora.dense import DENSE_KINDS, build_dense_index, index_kind
 from corpora.encoder import DEFAULT_ENCODER
-from corpora.index import BACKENDS, INDEX_FORMAT, BM25Index, BM25Params, Retriever, build_index
+from corpora.index import (BACKEND_ALIASES, BACKENDS, INDEX_FORMAT, BM25Index, BM25Params, Retriever, build_index,
+                           canonical_backend)
 from corpora.tokenize import TOKENIZER_VERSION
 
 BUNDLED = "bundled"
@@ -39,15 +41,26 @@ def _file_fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _cache_name(corpus: Path, fp: str, tag: str) -> str:
+    return f"{corpus.name.split('.')[0]}-{fp}-{tag}-f{INDEX_FORMAT}"
+
+
 def cached_index_dir(corpus: Path, backends: tuple[str, ...], pages: Path | None = None) -> Path:
-    """Build (once, under a lock) and return the cache folder indexing ``corpus``."""
+    """Build (once, under a lock) and return the cache folder indexing ``corpus``. A folder
+    cached under a backend's old name (``...-bm25s-f2``) is still used as it is."""
+    backends = tuple(canonical_backend(b) for b in backends)
     kind = backends[0] if backends[0] in DENSE_KINDS else None
     tag = f"{kind}-{DEFAULT_ENCODER}" if kind else "-".join(backends)
     fp = _file_fingerprint(corpus)
-    name = f"{corpus.name.split('.')[0]}-{fp}-{tag}-f{INDEX_FORMAT}"
+    name = _cache_name(corpus, fp, tag)
     out = cache_root() / "indexes" / name
     if (out / "meta.json").exists():
         return out
+    if not kind:
+        old_names = {v: k for k, v in BACKEND_ALIASES.items()}
+        legacy = cache_root() / "indexes" / _cache_name(corpus, fp, "-".join(old_names.get(b, b) for b in backends))
+        if legacy != out and (legacy / "meta.json").exists():
+            return legacy
     with file_lock(out.parent / f"{name}.lock"):
         if not (out / "meta.json").exists():
             total = BUNDLED_NUM_PASSAGES if corpus == data_path(BUNDLED_PASSAGES) else None
@@ -59,11 +72,11 @@ def cached_index_dir(corpus: Path, backends: tuple[str, ...], pages: Path | None
     return out
 
 
-def bundled_index_dir(backends: tuple[str, ...] = ("bm25s",)) -> Path:
+def bundled_index_dir(backends: tuple[str, ...] = ("bm25",)) -> Path:
     return cached_index_dir(data_path(BUNDLED_PASSAGES), backends, pages=data_path(BUNDLED_PAGES))
 
 
-def resolve_index_dir(spec: str, backend: str = "bm25s") -> Path:
+def resolve_index_dir(spec: str, backend: str = "bm25") -> Path:
     if spec == BUNDLED:
         return bundled_index_dir((backend,))
     path = Path(spec).expanduser()
@@ -89,14 +102,15 @@ def _open_dense(folder: Path, backend: str) -> Retriever:
 def _open_hybrid(folder: Path, backend: str) -> Retriever:
     from corpora.hybrid import HybridIndex
 
-    return HybridIndex(folder, backend=backend if backend in BACKENDS else "bm25s")
+    backend = canonical_backend(backend)
+    return HybridIndex(folder, backend=backend if backend in BACKENDS else "bm25")
 
 
 # meta.json "kind" -> how to open such a folder
 OPENERS = {"bm25": _open_bm25, "dense": _open_dense, "hybrid": _open_hybrid}
 
 
-def open_index(folder: str | Path, backend: str = "bm25s") -> Retriever:
+def open_index(folder: str | Path, backend: str = "bm25") -> Retriever:
     """Load an index folder as its ``meta.json`` ``"kind"`` says; ``backend`` ``dense`` or
     ``hybrid`` opens a dense folder as that kind, otherwise it names the BM25 backend."""
     folder = Path(folder)
@@ -106,8 +120,9 @@ def open_index(folder: str | Path, backend: str = "bm25s") -> Retriever:
     return OPENERS[kind](folder, backend)
 
 
-def get_retriever(spec: str = BUNDLED, backend: str = "bm25s") -> Retriever:
+def get_retriever(spec: str = BUNDLED, backend: str = "bm25") -> Retriever:
     """The process-wide retriever for ``spec`` (loaded once, shared by every env in the process)."""
+    backend = canonical_backend(backend)
     key = (spec, backend)
     with _lock:
         if key not in _loaded:

@@ -12,7 +12,7 @@ import sys
 import textwrap
 import time
 
-from corpora.index import BACKENDS
+from corpora.index import BACKEND_ALIASES, BACKENDS
 from corpora.retrievers import get_retriever
 
 
@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m corpora.search", description=__doc__.split("\n\n")[0])
     ap.add_argument("queries", nargs="+")
     ap.add_argument("--index", default="bundled")
-    ap.add_argument("--backend", default="bm25s", choices=[*BACKENDS, "dense", "hybrid"])
+    ap.add_argument("--backend", default="bm25", choices=[*BACKENDS, "dense", "hybrid", *BACKEND_ALIASES],
+                    help="BM25 backend (bm25s: the old name of bm25), or dense/hybrid")
     ap.add_argument("-k", type=int, default=5)
     args = ap.parse_args(argv)
     try:

@@ -120,7 +120,7 @@ def _log_summary(server: RetrievalServer, seconds: float, force: bool = False) -
              b["batches"], b["mean_queries_per_batch"], 1000 * percentile(lat, 50), 1000 * percentile(lat, 99))
 
 
-def load_retriever(spec: str, backend: str = "bm25s"):
+def load_retriever(spec: str, backend: str = "bm25"):
     """An in-process retriever for ``spec`` (index folder, corpus file or ``bundled``)."""
     if spec.startswith(("http://", "https://")):
         raise ValueError("--index must be an index folder, a corpus file or 'bundled', not a URL")
@@ -137,8 +137,9 @@ def _parser() -> argparse.ArgumentParser:
                "connection by --idle-timeout and --read-timeout (408, then closed), the connection count by "
                "--max-connections (503 beyond it), the wait for the index by --request-timeout (503).")
     ap.add_argument("--index", default="bundled", help="index folder, corpus file, or 'bundled'")
-    ap.add_argument("--backend", default="bm25s", choices=["bm25s", "rank_bm25", "dense", "hybrid"],
-                    help="BM25 backend, or dense/hybrid to open a dense folder as that kind (default: the folder's kind)")
+    ap.add_argument("--backend", default="bm25", choices=["bm25", "rank_bm25", "dense", "hybrid", "bm25s"],
+                    help="BM25 backend (bm25s: the old name of bm25), or dense/hybrid to open a dense folder as that kind "
+                         "(default: the folder's kind)")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--topk", type=int, default=Limits.default_topk, help="topk when a request gives none (default %(default)s)")

@@ -7,7 +7,7 @@ Documented choice (stored in each index's ``meta.json`` and checked at load):
 3. drop English stop words (the list below: the usual Lucene/NLTK-sized list of 120 words);
 4. stem with the Snowball English stemmer (PyStemmer), memoised per distinct word.
 
-Both ``bm25s`` and ``rank_bm25`` receive these same token lists, so any difference between
+Both ``bm25`` and ``rank_bm25`` receive these same token lists, so any difference between
 them comes from the scoring code only.
 """
 from __future__ import annotations

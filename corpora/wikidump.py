@@ -314,7 +314,7 @@ def build_from_converted(
     convert: Callable[[Path, Path], dict],
     out_dir: str | Path,
     source: str,
-    backends: Sequence[str] = ("bm25s",),
+    backends: Sequence[str] = ("bm25",),
     params=None,
     show_progress: bool = True,
     keep_passages: str | Path | None = None,
@@ -348,7 +348,7 @@ def build_from_converted(
 def build_wiki_index(
     dump: str | Path,
     out_dir: str | Path,
-    backends: Sequence[str] = ("bm25s",),
+    backends: Sequence[str] = ("bm25",),
     params=None,
     words: int = WORDS_PER_PASSAGE,
     parser: str = "auto",

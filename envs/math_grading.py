@@ -116,6 +116,9 @@ def _verify(gold: str, pred: str, timeout: int | None) -> Verdict:
         return Verdict(False, "math_verify")
 
 
+STARTUP_TIMEOUT = 120.0  # seconds for a new grading worker to import its libraries
+
+
 class _Worker:
     """One long-lived grading process (``python -m envs.math_grading``, JSON lines over pipes) for
     calls off the main thread, where ``signal.alarm`` cannot time them; killed and replaced when
@@ -124,15 +127,21 @@ class _Worker:
     def __init__(self):
         self.lock = threading.Lock()
         self.proc = None
-        self.warm = False
 
     def _start(self) -> None:
         import subprocess
         import sys
 
+        import select
+
         self.proc = subprocess.Popen([sys.executable, "-m", "envs.math_grading"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
-        self.warm = False
+        # the worker says "ready" once sympy and math-verify are imported, so that a comparison's
+        # timeout never has to cover the start-up (up to a minute on a loaded machine)
+        ready, _, _ = select.select([self.proc.stdout], [], [], STARTUP_TIMEOUT)
+        if not ready or self.proc.stdout.readline().strip() != '"ready"':
+            self._kill()
+            raise OSError("the math grading worker did not start")
 
     def _kill(self) -> None:
         if self.proc is not None:
@@ -145,19 +154,17 @@ class _Worker:
         import select
 
         with self.lock:
-            if self.proc is None or self.proc.poll() is not None:
-                self._start()
             try:
+                if self.proc is None or self.proc.poll() is not None:
+                    self._start()
                 self.proc.stdin.write(json.dumps([gold, pred]) + "\n")
                 self.proc.stdin.flush()
-                # the first call also waits for the worker to import sympy and math-verify
-                ready, _, _ = select.select([self.proc.stdout], [], [], timeout if self.warm else timeout + 60)
+                ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
                 line = self.proc.stdout.readline() if ready else ""
                 correct, how = json.loads(line)
             except (OSError, ValueError):  # overran, died or answered garbage: graded wrong, worker replaced
                 self._kill()
                 return Verdict(False, "timeout")
-            self.warm = True
             return Verdict(bool(correct), str(how))
 
 
@@ -165,6 +172,11 @@ def _serve() -> None:  # the worker's loop: its main thread, so no signal timeou
     import json
     import sys
 
+    import math_verify  # noqa: F401 - imported before "ready": a comparison's timeout excludes start-up
+
+    _verify("1", "1", None)  # and sympy's first parse
+    sys.stdout.write('"ready"\n')
+    sys.stdout.flush()
     for line in sys.stdin:
         gold, pred = json.loads(line)
         try:

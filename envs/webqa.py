@@ -36,10 +36,11 @@ observation says the turn limit was reached. ``info`` at the end carries ``answe
 
 ## Arguments
 ``dataset`` (QA name or JSONL path, ``corpora.qa``), ``retriever`` (``"bundled"``, an index
-folder, a corpus file or ``http://`` URLs, ``corpora.retrievers``), ``backend`` (``bm25s`` or
-``rank_bm25``), ``top_k=3``, ``max_turns=4``, ``reward="em"``, ``format_penalty=0.0``,
-``protocol="tags"``, ``browse_words=300``, ``passage_chars=1500`` (per passage in an
-observation), ``limit`` (first N questions only), ``prompt_template`` (with ``{question}``),
+folder, a corpus file or ``http://`` URLs, ``corpora.retrievers``), ``backend`` (``bm25`` or
+``rank_bm25``; ``bm25s``, the old name of ``bm25``, is accepted), ``top_k=3``, ``max_turns=4``,
+``reward="em"``, ``format_penalty=0.0``, ``protocol="tags"``, ``browse_words=300``,
+``passage_chars=1500`` (per passage in an observation), ``limit`` (first N questions only),
+``prompt_template`` (with ``{question}``),
 ``record`` / ``replay`` (a JSONL path: record every retrieval, browse and gold-passage lookup
 with its result, or serve them from such a recording with no index or network;
 ``corpora/recording.py``; a replay miss is an ``Error: replay miss ...`` observation, counted in
@@ -93,7 +94,7 @@ class WebQAEnv(gym.Env[str, str]):
         self,
         dataset: str = "hotpotqa",
         retriever: str = "bundled",
-        backend: str = "bm25s",
+        backend: str = "bm25",
         top_k: int = 3,
         max_turns: int = 4,
         reward: str = "em",

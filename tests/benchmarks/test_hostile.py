@@ -25,8 +25,9 @@ def test_catalogue_covers_the_issue():
 @pytest.mark.slow
 def test_a_subset_runs_against_both_servers(tmp_path):
     out = tmp_path / "hostile.json"
-    code = hostile.main(["--only", "valid request,nesting,Content-Length: -1,POST /health,half-open,client gone",
-                         "--timeouts", "2", "--out", str(out)])
+    # quoted: unquoted, "Content-Length: -1" would read as a mapping (key: value)
+    code = hostile.main(['only="valid request,nesting,Content-Length: -1,POST /health,half-open,client gone"',
+                         "timeouts=2", f"out={out}"])
     res = json.loads(out.read_text())
     assert code == 0 and res["all_ok"], json.dumps(res, indent=1)[:3000]
     assert {r["server"] for r in res["cases"]} == {"retrieval", "model"}

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from corpora.corpus import BUNDLED_PASSAGES, Passage, data_path, iter_passages
-from corpora.index import BM25Index, build_index
+from corpora.index import BM25Index, build_index, read_meta
 from corpora.pages import PageStore, window
 from corpora.qa import load_qa
 
@@ -18,8 +18,8 @@ def small_corpus():
 @pytest.fixture(scope="module")
 def both_index(small_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("idx") / "both"
-    build_index(small_corpus, out, backends=("bm25s", "rank_bm25"), show_progress=False)
-    return BM25Index(out, "bm25s"), BM25Index(out, "rank_bm25")
+    build_index(small_corpus, out, backends=("bm25", "rank_bm25"), show_progress=False)
+    return BM25Index(out, "bm25"), BM25Index(out, "rank_bm25")
 
 
 def test_backends_agree_on_top10(both_index):
@@ -46,11 +46,84 @@ def test_batch_equals_single_and_shapes(both_index):
 def test_ties_broken_by_corpus_position(tmp_path):
     docs = [Passage(f"d{i}", "Same", "identical words here") for i in range(30)]
     docs += [Passage(f"x{i}", f"Other {i}", f"unrelated text number {i}") for i in range(40)]
-    out = build_index(docs[::-1], tmp_path / "ties", backends=("bm25s", "rank_bm25"), show_progress=False)
-    for backend in ("bm25s", "rank_bm25"):
+    out = build_index(docs[::-1], tmp_path / "ties", backends=("bm25", "rank_bm25"), show_progress=False)
+    for backend in ("bm25", "rank_bm25"):
         hits = BM25Index(out, backend).search(["identical words"], k=5)[0]
         # docs were indexed in reverse, so position order is d29, d28, ... (x* come first but do not match)
         assert [h.doc_id for h in hits] == ["d29", "d28", "d27", "d26", "d25"]
+
+
+QUESTIONS = ["Ed Wood director", "Scott Derrickson nationality", "the Laleli Mosque"]
+
+
+def test_old_backend_name_bm25s_is_an_alias_of_bm25(both_index, small_corpus, tmp_path):
+    from corpora.retrievers import get_retriever, open_index
+
+    fast, _ = both_index
+    out = build_index(small_corpus[:500], tmp_path / "alias", backends=("bm25s", "rank_bm25", "bm25"), show_progress=False)
+    assert read_meta(out)["backends"] == ["bm25", "rank_bm25"]  # new builds write the new name, once
+    assert json.loads((out / "meta.json").read_text())["backends"] == ["bm25", "rank_bm25"]
+    old, new = BM25Index(out, "bm25s"), BM25Index(out, "bm25")
+    assert old.backend_name == new.backend_name == "bm25"
+    assert old.search(QUESTIONS, k=5) == new.search(QUESTIONS, k=5) != [[], [], []]
+    assert open_index(out, "bm25s").search(QUESTIONS, k=5) == new.search(QUESTIONS, k=5)
+    assert get_retriever(str(out), "bm25s") is get_retriever(str(out), "bm25")  # one retriever, not two
+    assert BM25Index(fast.folder, "bm25s").search(QUESTIONS, k=10) == fast.search(QUESTIONS, k=10)
+
+
+def test_an_index_whose_meta_says_bm25s_loads(small_corpus, tmp_path):
+    """Folders built before the rename say ``"backends": ["bm25s", ...]``: they load under either
+    name, with the same hits, and no rebuild."""
+    from corpora.retrievers import open_index
+
+    out = build_index(small_corpus[:500], tmp_path / "old", backends=("bm25", "rank_bm25"), show_progress=False)
+    want = BM25Index(out).search(QUESTIONS, k=5)
+    meta = json.loads((out / "meta.json").read_text())
+    meta["backends"] = ["bm25s", "rank_bm25"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert read_meta(out)["backends"] == ["bm25", "rank_bm25"]
+    for backend in ("bm25", "bm25s"):
+        idx = BM25Index(out, backend)
+        assert idx.meta["backends"] == ["bm25", "rank_bm25"] and idx.search(QUESTIONS, k=5) == want
+    assert BM25Index(out).search(QUESTIONS, k=5) == open_index(out).search(QUESTIONS, k=5) == want
+    assert json.loads((out / "meta.json").read_text())["backends"] == ["bm25s", "rank_bm25"]  # read, not rewritten
+
+
+def test_a_cache_folder_named_for_bm25s_is_reused(small_corpus, tmp_path, monkeypatch):
+    from corpora import retrievers
+
+    monkeypatch.setenv("WEBQA_GYM_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "wiki_passages.jsonl"
+    _write(corpus, [json.dumps({"id": p.id, "title": p.title, "text": p.text}) for p in small_corpus[:300]])
+    fp = retrievers._file_fingerprint(corpus)
+    legacy = tmp_path / "cache" / "indexes" / retrievers._cache_name(corpus, fp, "bm25s")
+    build_index(corpus, legacy, show_progress=False)
+    meta = json.loads((legacy / "meta.json").read_text())
+    (legacy / "meta.json").write_text(json.dumps({**meta, "backends": ["bm25s"]}))
+    for backend in ("bm25", "bm25s"):
+        assert retrievers.cached_index_dir(corpus, (backend,)) == legacy  # no rebuild
+    assert [p.name for p in (tmp_path / "cache" / "indexes").iterdir()] == [legacy.name]
+    assert retrievers.resolve_index_dir(str(corpus), "bm25") == legacy
+
+
+def test_a_format1_index_without_the_bm25s_library_names_the_install(small_corpus, tmp_path, monkeypatch):
+    import sys
+
+    out = build_index(small_corpus[:100], tmp_path / "f1", show_progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "format": 1, "backends": ["bm25s"]}))
+    monkeypatch.setitem(sys.modules, "bm25s", None)  # import bm25s -> ImportError
+    with pytest.raises(ImportError, match="pip install bm25s"):
+        BM25Index(out)
+
+
+def test_search_cli_takes_the_old_backend_name(both_index, capsys):
+    from corpora.search import main
+
+    fast, _ = both_index
+    assert main(["--index", str(fast.folder), "--backend", "bm25s", "Ed Wood director", "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "Ed Wood" in out and "1 queries" in out
 
 
 def _write(path, lines):
