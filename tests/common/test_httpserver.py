@@ -8,6 +8,7 @@ import http.client
 import json
 import socket
 import threading
+import time
 
 import pytest
 
@@ -47,6 +48,15 @@ def call(srv, method, path, body=None, headers=None):
         return resp.status, json.loads(resp.read()), dict(resp.getheaders())
     finally:
         conn.close()
+        settle(srv)
+
+
+def settle(srv, timeout: float = 5.0) -> None:
+    """Wait until the server's handler threads have seen their connections close and freed the
+    slots: the next call must not find two slots still held (a 503) on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while srv.open_connections and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def raw(srv, data: bytes) -> bytes:

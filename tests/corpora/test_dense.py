@@ -177,6 +177,7 @@ def dense(dense_dir):
     return DenseIndex(dense_dir)
 
 
+@pytest.mark.slow  # encodes passages with the embedded encoder
 def test_a_passage_text_as_query_returns_that_passage_first(dense):
     positions = unique_text_positions(dense.docs, every=5)
     assert len(positions) > 25
@@ -190,6 +191,7 @@ def test_a_passage_text_as_query_returns_that_passage_first(dense):
         dense.search("a single string", k=3)
 
 
+@pytest.mark.slow  # encodes passages with the embedded encoder
 def test_folder_layout_and_meta(dense_dir):
     meta = json.loads((dense_dir / "meta.json").read_text())
     d = meta["dense"]
@@ -200,6 +202,7 @@ def test_folder_layout_and_meta(dense_dir):
     assert (dense_dir / "dense" / "faiss.index").is_file() and (dense_dir / "docs.jsonl").is_file()
 
 
+@pytest.mark.slow  # encodes passages with the embedded encoder
 def test_save_load_round_trip_gives_identical_hits(dense_dir, dense):
     from corpora.dense import DenseIndex
 
@@ -213,6 +216,7 @@ def test_save_load_round_trip_gives_identical_hits(dense_dir, dense):
     assert in_memory.search(queries, k=10) == dense.search(queries, k=10) == DenseIndex(dense_dir).search(queries, k=10)
 
 
+@pytest.mark.slow  # encodes passages with the embedded encoder
 def test_hybrid_reuses_the_embeddings_and_fuses_by_rrf(dense_dir, dense, tmp_path):
     from corpora.dense import build_dense_index
     from corpora.hybrid import HybridIndex
@@ -243,6 +247,7 @@ def _questions(n: int) -> list[dict]:
     return load_qa("hotpotqa", limit=n)
 
 
+@pytest.mark.slow  # encodes passages with the embedded encoder
 def test_get_retriever_and_the_env_take_a_dense_folder(dense_dir):
     import gymnasium as gym
 
@@ -271,6 +276,7 @@ def _bm25_only(dense_dir):
     return out
 
 
+@pytest.mark.slow  # encodes passages with the embedded encoder
 def test_build_cli_dense_hybrid_and_errors(dense_dir, small_jsonl, tmp_path, capsys):
     from corpora.build import main
     from corpora.hybrid import HybridIndex
@@ -287,6 +293,7 @@ def test_build_cli_dense_hybrid_and_errors(dense_dir, small_jsonl, tmp_path, cap
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+@pytest.mark.slow  # encodes passages with the embedded encoder
 def test_a_corpus_file_with_backend_hybrid_is_indexed_into_the_cache(deps, tmp_path, monkeypatch):
     from corpora.hybrid import HybridIndex
     from corpora.retrievers import get_retriever

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from distill import checkpoint as ckpt
 from distill.run import main
 
+pytestmark = pytest.mark.slow  # every test here starts from a module fixture's real training run
+
 ARGS = ["model=tiny", "method=opd", "teacher=teacher", "teacher.name=tiny", "env.id=ToyVowel-v0",
         "env.eval_id=ToyVowel-eval-v0", "steps=3", "questions_per_step=1", "group_size=2", "max_tokens_per_turn=8",
         "max_total_tokens=64", "eval.questions=1", "progress=false", "tensorboard=false", "threads=1", "lr=1e-2",

@@ -20,7 +20,7 @@ def test_math_config_resolves_to_math_v0():
     assert (cfg.env.id, cfg.env.eval_id, cfg.env.max_tokens_per_turn) == ("Math-GSM8K-train-v0", "Math-v0", 400)
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=() if m in ("grpo", "opsd") else pytest.mark.slow) for m in METHODS])
+@pytest.mark.parametrize("method", [pytest.param(m, marks=() if m == "grpo" else pytest.mark.slow) for m in METHODS])
 def test_one_math_step_per_method(tmp_path, method):
     cfg, mcfg = resolve(BASE + [f"method={method}"] + TEACHER.get(method, []))
     out = tmp_path / "run"

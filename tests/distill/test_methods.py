@@ -48,7 +48,9 @@ def run(tmp_path, method, extra):
     return out, result
 
 
-@pytest.mark.parametrize("method,extra", CASES, ids=[" ".join([m] + e) for m, e in CASES])
+# grpo stays in the fast tier; every other line of the table runs in the slow tier (CI runs both)
+@pytest.mark.parametrize("method,extra", [pytest.param(m, e, marks=() if (m, e) == ("grpo", []) else pytest.mark.slow)
+                                          for m, e in CASES], ids=[" ".join([m] + e) for m, e in CASES])
 def test_two_steps_change_the_adapter_and_log_finite_metrics(tmp_path, method, extra):
     out, result = run(tmp_path, method, extra)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -96,6 +96,7 @@ def test_external_sigkill_mid_run_then_resume(tmp_path, reference):
     check_same(out, reference)
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten_by_accident(tmp_path, reference):
     rc, log = finish(start(reference))
     assert rc == 2 and "resume=true" in log

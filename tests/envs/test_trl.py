@@ -84,6 +84,7 @@ def steering_bias(tokenizer, turns):
     return out
 
 
+@pytest.mark.slow
 def test_grpo_trainer_two_steps_with_webqa_tools(tmp_path, monkeypatch):
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
