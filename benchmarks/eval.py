@@ -272,7 +272,10 @@ def fingerprint_of(probe, env_id: str, cfg) -> dict:
         retr = probe.retriever
         meta = getattr(retr, "meta", {})
         fp |= {"corpus": meta.get("source", probe.retriever_spec), "corpus_passages": meta.get("num_passages"),
-               "index": str(getattr(retr, "folder", probe.retriever_spec)), "tokenizer": meta.get("tokenizer")}
+               "index": str(getattr(retr, "folder", probe.retriever_spec)), "tokenizer": meta.get("tokenizer"),
+               "retriever": type(getattr(retr, "inner", retr)).__name__, "backend": getattr(probe, "backend", None)}
+        if isinstance(meta.get("dense"), dict):  # dense and hybrid: the encoder
+            fp["encoder"] = meta["dense"].get("model")
     return fp
 
 

@@ -29,16 +29,17 @@ def _f(x, nd: int = 3) -> str:
 
 def evaluation(results: Path) -> list[str]:
     out = ["## Evaluation (`python -m benchmarks.eval`)", "",
-           "| results | model | dataset | episodes | EM | F1 | avg turns | answered |", "|---|---|---|---|---|---|---|---|"]
+           "| results | model | retriever | dataset | episodes | EM | F1 | avg turns | answered |", "|---|---|---|---|---|---|---|---|---|"]
     for p in sorted(results.glob("eval_*/summary.json")):
         d = _load(p)
+        retriever = Path((d or {}).get("config", {}).get("retriever", "bundled")).name  # an index folder by its name
         for ds, s in (d or {}).get("summary", {}).items():
             if s.get("episodes"):
-                out.append(f"| `{p.relative_to(results.parent)}` | {d['model']} | {ds} | {s['episodes']} | {_f(s['em'])} | "
+                out.append(f"| `{p.relative_to(results.parent)}` | {d['model']} | {retriever} | {ds} | {s['episodes']} | {_f(s['em'])} | "
                            f"{_f(s['f1'])} | {_f(s['avg_turns'], 2)} | {_f(s['answered'], 2)} |")
         for ds, fb in (d or {}).get("feedback", {}).items():
             a, w = fb["student_alone"], fb["with_feedback"]
-            out.append(f"| `{p.relative_to(results.parent)}` | {d['model']} + teacher feedback | {ds} | {w['episodes']} | "
+            out.append(f"| `{p.relative_to(results.parent)}` | {d['model']} + teacher feedback | {retriever} | {ds} | {w['episodes']} | "
                        f"{_f(w['em'])} (alone {_f(a['em'])}) | {_f(w['f1'])} (alone {_f(a['f1'])}) | {_f(w['avg_turns'], 2)} | "
                        f"teacher's turns {_f(fb['teacher_turn_share'])} |")
     return out + [""]
@@ -115,15 +116,42 @@ def hostile(results: Path) -> list[str]:
     return out
 
 
-def _bars(path: Path, labels: list[str], values: list[float], title: str) -> None:
+def retrieval(results: Path, img: Path) -> list[str]:
+    from benchmarks.retrieval_report import table_lines
+
+    d = _load(results / "retrieval.json")
+    out = ["## Retrieval (`python -m benchmarks.retrieval`)", ""]
+    if not d:
+        return out + ["No `results/retrieval.json` yet.", ""]
+    out += [f"From `results/retrieval.json` (arguments: `{json.dumps(d['args'])}`). Recall: the share of a HotpotQA "
+            "question's supporting titles among the titles of its top-k passages, averaged over the bundled questions.", ""]
+    out += table_lines(d["results"], d.get("projections")) + [""]
+    rows = [(res["corpus"], name, r["title_recall"]) for res in d["results"] for name, r in res["backends"].items()
+            if "title_recall" in r]
+    if rows:
+        _grouped(img / "retrieval_recall.png", [f"{name}" for _, name, _ in rows],
+                 {f"recall@{k}": [rec[f"recall@{k}"] for _, _, rec in rows] for k in (1, 3, 10)},
+                 f"supporting-title recall, {rows[0][0]}")
+        out += ["![retrieval recall](img/retrieval_recall.png)", ""]
+    return out
+
+
+def _grouped(path: Path, labels: list[str], series: dict[str, list[float]], title: str, ylim=(0, 1)) -> None:
+    """A bar chart, one group of bars a label and one bar a series (a legend when there are several)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(labels)), 3.2))
-    ax.bar(range(len(values)), values)
-    ax.set_xticks(range(len(values)), labels, fontsize=7, rotation=20, ha="right")
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(labels)), 3.2))
+    width = 0.8 / max(1, len(series))
+    for j, (name, values) in enumerate(series.items()):
+        ax.bar([i + j * width for i in range(len(values))], values, width, label=name)
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(labels))], labels, fontsize=7, rotation=20, ha="right")
+    if ylim:
+        ax.set_ylim(*ylim)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -134,6 +162,10 @@ def _bars(path: Path, labels: list[str], values: list[float], title: str) -> Non
     os.replace(tmp, path)
 
 
+def _bars(path: Path, labels: list[str], values: list[float], title: str) -> None:
+    _grouped(path, labels, {"": values}, title, ylim=None)
+
+
 def main(argv: list[str] | None = None, results: Path = ROOT / "results", docs: Path = ROOT / "docs") -> int:
     from common.files import atomic_write_text
 
@@ -142,7 +174,7 @@ def main(argv: list[str] | None = None, results: Path = ROOT / "results", docs: 
              "Each number comes from the file named next to it; the commands that produced them are in the benchmarks' "
              "docstrings and the pages linked from the [README](../README.md).", ""]
     lines += evaluation(results) + grader(results, img) + learning(results, img) + rollout_speed(results, img)
-    lines += engine_speed(results) + hostile(results)
+    lines += engine_speed(results) + retrieval(results, img) + hostile(results)
     atomic_write_text(docs / "results.md", "\n".join(lines) + "\n")
     print(f"wrote {docs / 'results.md'} and {len(glob.glob(str(img / '*.png')))} plots in {img}")
     return 0
