@@ -32,7 +32,10 @@ def evaluation(results: Path) -> list[str]:
            "| results | model | retriever | dataset | episodes | EM | F1 | avg turns | answered |", "|---|---|---|---|---|---|---|---|---|"]
     for p in sorted(results.glob("eval_*/summary.json")):
         d = _load(p)
-        retriever = Path((d or {}).get("config", {}).get("retriever", "bundled")).name  # an index folder by its name
+        conf = (d or {}).get("config", {})
+        retriever = Path(conf.get("retriever", "bundled")).name  # an index folder by its name
+        if (conf.get("env_kwargs") or {}).get("backend"):
+            retriever += f" as {conf['env_kwargs']['backend']}"
         for ds, s in (d or {}).get("summary", {}).items():
             if s.get("episodes"):
                 out.append(f"| `{p.relative_to(results.parent)}` | {d['model']} | {retriever} | {ds} | {s['episodes']} | {_f(s['em'])} | "
