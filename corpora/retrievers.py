@@ -7,7 +7,9 @@ A spec is a string, so envs stay picklable and configs stay plain:
 * a folder made by ``python -m corpora.build``: BM25, dense or hybrid, as its ``meta.json``
   ``"kind"`` says (:data:`OPENERS`);
 * a corpus file (JSONL / Search-R1 JSONL / DPR TSV): indexed into the cache on first use;
-* ``http://host:port`` (or several, comma-separated): a Search-R1-compatible retrieval server.
+* ``http://host:port`` (or several, comma-separated): a Search-R1-compatible retrieval server;
+* ``searxng+http://host:port[?params]``: web search through a SearxNG-style JSON API
+  (``corpora/searx.py``; browse its URLs with ``pages="web"``).
 
 ``backend`` names the BM25 backend (``bm25``, ``rank_bm25``; ``bm25s``, the old name of ``bm25``,
 is accepted), or ``dense`` / ``hybrid``: a dense folder opens as that kind, and ``"bundled"`` or
@@ -126,7 +128,11 @@ def get_retriever(spec: str = BUNDLED, backend: str = "bm25") -> Retriever:
     key = (spec, backend)
     with _lock:
         if key not in _loaded:
-            if spec.startswith(("http://", "https://")):
+            if spec.startswith("searxng+"):  # a web search engine's JSON API (corpora/searx.py)
+                from corpora.searx import SearxngRetriever
+
+                _loaded[key] = SearxngRetriever(spec)
+            elif spec.startswith(("http://", "https://")):
                 from corpora.http_client import HttpRetriever
 
                 _loaded[key] = HttpRetriever([u.strip() for u in spec.split(",") if u.strip()])

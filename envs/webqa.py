@@ -36,7 +36,8 @@ observation says the turn limit was reached. ``info`` at the end carries ``answe
 
 ## Arguments
 ``dataset`` (QA name or JSONL path, ``corpora.qa``), ``retriever`` (``"bundled"``, an index
-folder, a corpus file or ``http://`` URLs, ``corpora.retrievers``), ``backend`` (``bm25`` or
+folder, a corpus file, ``http://`` URLs of retrieval servers or ``searxng+http://...`` for web
+search, ``corpora.retrievers``), ``backend`` (``bm25`` or
 ``rank_bm25``; ``bm25s``, the old name of ``bm25``, is accepted), ``top_k=3``, ``max_turns=4``,
 ``reward="em"``, ``format_penalty=0.0``, ``protocol="tags"``, ``browse_words=300``,
 ``passage_chars=1500`` (per passage in an observation), ``limit`` (first N questions only),
