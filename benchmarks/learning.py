@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # method -> distill.run overrides (the teacher is each method's default: teacher=auto)
 METHODS: dict[str, list[str]] = {
-    "grpo": ["method=grpo"],
+    "grpo": ["method=grpo"],  # the env's EM reward (reward=auto: em for every method but ovd)
+    "grpo_f1": ["method=grpo", "env.reward=f1"],  # grpo on ovd's F1 reward: what ovd's teacher adds beyond the reward
     "ovd": ["method=ovd"],  # the published default: mode=replace, F1 reward; the teacher's tokens train
     "ovd_masked": ["method=ovd", "method.train_on_teacher_tokens=false"],  # only the student's own tokens train
     "ovd_reward": ["method=ovd", "method.mode=reward"],  # the other reading: S/9 mixed into the reward
@@ -49,7 +50,7 @@ CURVE_KEYS = ("reward", "em", "f1", "answered", "invalid_action_rate", "teacher_
 
 @dataclass
 class LearningConfig:
-    methods: str = "ovd,ovd_masked,grpo,opd,opsd,ovd_reward"
+    methods: str = "ovd,ovd_masked,grpo,grpo_f1,opd,opsd,ovd_reward"
     steps: int = 12
     questions_per_step: int = 2
     group_size: int = 4
