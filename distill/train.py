@@ -301,6 +301,7 @@ def train_step(run: Run, step: int, bar) -> tuple[dict, Signal]:
                                run.scheduler.get_last_lr()[0], sum(p[2] for p in parts), (t_start, t_roll, t_teacher, t_end),
                                run.teacher, run.anon)
     line["logprob_drift"] = tot("drift_sum") / max(tot("drift_n"), 1)  # mean |learner - sampler| log-prob, student tokens
+    line["idle_samples"] = tot("idle_samples")  # all-zero advantage: forward only, no backward (see update)
     if run.size > 1:
         line["ranks"] = run.size
     runlog.write_trajectories(run.run_dir, step + 1, trajs)
@@ -316,18 +317,32 @@ def train_step(run: Run, step: int, bar) -> tuple[dict, Signal]:
 
 def update(run: Run, samples: list[Sample]) -> dict:
     """One optimizer step over ``samples`` in micro-batches (gradient accumulation: every loss is a
-    sum over agent tokens divided by the trained tokens of the whole step)."""
+    sum over agent tokens divided by the trained tokens of the whole step).
+
+    Where the method's loss is the policy gradient alone (``Method.advantage_only``), a sample
+    whose advantages are all 0 (a group whose rewards are all equal) has exactly zero gradient: it
+    runs forward without gradient, for the logged entropy, drift and loss terms, and skips the
+    backward pass. The optimizer still steps (zero gradients where nothing trained), as it would
+    have."""
     cfg = run.cfg
     denominator = dist.all_sum(sum(sum(s.weights) for s in samples))  # the global token mean (every rank's tokens)
     out = {"loss": 0.0, "agg": {}, "rows": 0, "entropy_sum": 0.0}
     drift_sum, drift_n = 0.0, 0
     run.optimizer.zero_grad(set_to_none=True)
-    for a in range(0, len(samples), cfg.micro_batch_size):
-        with checkpointed(run.blocks):
-            mb = micro_batch(run.model, samples[a : a + cfg.micro_batch_size], run.policy.pad_id, denominator, run.layers,
+    idle = [run.method.advantage_only(run.mcfg) and not any(a and w for a, w in zip(s.advantages, s.weights))
+            for s in samples]
+    live = [s for s, i in zip(samples, idle) if not i]
+    still = [s for s, i in zip(samples, idle) if i]
+    batches = [(b, True) for b in range(0, len(live), cfg.micro_batch_size)]
+    batches += [(b, False) for b in range(0, len(still), cfg.micro_batch_size)]
+    for a, grad in batches:
+        part = (live if grad else still)[a : a + cfg.micro_batch_size]
+        with checkpointed(run.blocks) if grad else torch.no_grad():
+            mb = micro_batch(run.model, part, run.policy.pad_id, denominator, run.layers,
                              reference=run.reference, state=run.method_state, n_layers=run.n_layers)
             loss, m = run.method.loss(mb, run.teacher, run.mcfg)
-            loss.backward()
+            if grad:
+                loss.backward()
         n = int(mb.logprobs_N.numel())
         out["loss"] += float(loss.detach())
         with torch.no_grad():
@@ -339,7 +354,12 @@ def update(run: Run, samples: list[Sample]) -> dict:
             out["agg"][k] = out["agg"].get(k, 0.0) + v * n
         out["rows"] += n
         del mb, loss
+    out["idle_samples"] = len(still)
     trained = dist.all_sum(len(samples))
+    if trained:
+        for p in run.params:  # a step where every sample was idle still steps Adam, on zeros
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
     dist.all_reduce_grads(run.params)  # the ranks' partial sums -> the whole step's gradient, on every rank
     out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)) if trained else 0.0
     if trained:

@@ -91,6 +91,10 @@ class Method:
     default_teacher: str = "local"  # the teacher kind teacher=auto picks: local | self | none
     token_level: bool = False  # compares teacher and student token by token: needs the same tokenizer
     default_reward: str = "em"  # the env reward env.reward=auto picks for training
+    # True when the loss is ``pg_term`` alone with no KL term: a sample whose every advantage is 0
+    # then has exactly zero gradient, and the trainer runs it forward only (for its logged entropy
+    # and drift), without the backward pass
+    advantage_only: Callable[[Any], bool] = lambda cfg: False
 
 
 def get_method(name: str) -> Method:

@@ -24,4 +24,5 @@ def loss(mb, teacher, cfg: GRPOConfig):
     return pg_term(mb, cfg)
 
 
-METHOD = Method("grpo", GRPOConfig, needs=lambda cfg: frozenset(), prepare=prepare, loss=loss, default_teacher="none")
+METHOD = Method("grpo", GRPOConfig, needs=lambda cfg: frozenset(), prepare=prepare, loss=loss, default_teacher="none",
+                advantage_only=lambda cfg: cfg.kl_beta == 0)

@@ -287,4 +287,5 @@ def loss(mb, teacher, cfg: OVDConfig):
     return pg_term(mb, cfg)
 
 
-METHOD = Method("ovd", OVDConfig, needs=needs, prepare=prepare, loss=loss, default_reward="f1")  # F1: OVD Eq. 2
+METHOD = Method("ovd", OVDConfig, needs=needs, prepare=prepare, loss=loss, default_reward="f1",
+                advantage_only=lambda cfg: cfg.kl_beta == 0)  # F1: OVD Eq. 2
