@@ -82,6 +82,15 @@ def parse_config(argv: list[str], schema=EvalConfig):
         raise SystemExit(f"error: bad value for {exc.full_key!r}: {exc.msg}") from None
 
 
+def typed_config(argv: list[str], schema, choices: dict | None = None):
+    """:func:`parse_config` as the schema's dataclass; each key of ``choices`` must be one of its values."""
+    cfg = OmegaConf.to_object(parse_config(argv, schema))
+    for key, allowed in (choices or {}).items():
+        if getattr(cfg, key) not in allowed:
+            raise SystemExit(f"error: bad value for {key!r}: {getattr(cfg, key)!r}; choose from {sorted(allowed)}")
+    return cfg
+
+
 _CODE_DIRS = ("envs", "corpora", "agents", "distill", "benchmarks", "pyproject.toml")
 
 

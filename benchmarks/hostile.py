@@ -119,11 +119,9 @@ def table(rows: list[dict], servers: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from omegaconf import OmegaConf
+    from benchmarks.eval import typed_config
 
-    from benchmarks.eval import parse_config
-
-    args: HostileConfig = OmegaConf.to_object(parse_config(sys.argv[1:] if argv is None else argv, HostileConfig))
+    args: HostileConfig = typed_config(sys.argv[1:] if argv is None else argv, HostileConfig)
     wanted = [w for w in args.servers.split(",") if w]
     only = [o.strip().lower() for o in args.only.split(",") if o.strip()]
     t_start = time.perf_counter()

@@ -182,11 +182,9 @@ def _plot(res: dict, path: Path, steps: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from omegaconf import OmegaConf
+    from benchmarks.eval import typed_config
 
-    from benchmarks.eval import parse_config
-
-    cfg = LearningConfig(**OmegaConf.to_container(parse_config(sys.argv[1:] if argv is None else argv, LearningConfig)))
+    cfg = typed_config(sys.argv[1:] if argv is None else argv, LearningConfig)
     names = [m.strip() for m in cfg.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown:

@@ -154,13 +154,10 @@ class MethodsConfig:
 
 
 def parse_args(argv: list[str]) -> MethodsConfig:
-    from omegaconf import OmegaConf
 
-    from benchmarks.eval import parse_config
+    from benchmarks.eval import typed_config
 
-    a: MethodsConfig = OmegaConf.to_object(parse_config(argv, MethodsConfig))
-    if a.model not in PRESETS:
-        raise SystemExit(f"error: bad value for 'model': {a.model!r}; choose from {sorted(PRESETS)}")
+    a: MethodsConfig = typed_config(argv, MethodsConfig, {"model": PRESETS})
     return a
 
 

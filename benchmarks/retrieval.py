@@ -111,13 +111,10 @@ class RetrievalConfig:
 
 def parse_args(argv: list[str]) -> tuple[RetrievalConfig, list[int]]:
     """The config and its ``ref_sizes`` as a list of ints."""
-    from omegaconf import OmegaConf
 
-    from benchmarks.eval import parse_config
+    from benchmarks.eval import typed_config
 
-    cfg: RetrievalConfig = OmegaConf.to_object(parse_config(argv, RetrievalConfig))
-    if cfg.dense_faiss not in ("flat", "hnsw"):
-        raise SystemExit(f"error: bad value for 'dense_faiss': {cfg.dense_faiss!r}; choose from ['flat', 'hnsw']")
+    cfg: RetrievalConfig = typed_config(argv, RetrievalConfig, {"dense_faiss": ("flat", "hnsw")})
     try:
         ref_sizes = [int(x) for x in (cfg.ref_sizes or "").split(",") if x.strip()]
     except ValueError:

@@ -160,11 +160,9 @@ def run_one(args: ServerLoadConfig, queries: list[str], label: str, server_args:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from omegaconf import OmegaConf
+    from benchmarks.eval import typed_config
 
-    from benchmarks.eval import parse_config
-
-    args: ServerLoadConfig = OmegaConf.to_object(parse_config(sys.argv[1:] if argv is None else argv, ServerLoadConfig))
+    args: ServerLoadConfig = typed_config(sys.argv[1:] if argv is None else argv, ServerLoadConfig)
     queries = [q["question"] for q in load_qa("hotpotqa")]
     runs = [run_one(args, queries, "micro-batched" if not args.url else args.url, shlex.split(args.server_args))]
     if args.compare_unbatched and not args.url:

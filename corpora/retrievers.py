@@ -128,7 +128,9 @@ def get_retriever(spec: str = BUNDLED, backend: str = "bm25") -> Retriever:
     key = (spec, backend)
     with _lock:
         if key not in _loaded:
-            if spec.startswith("searxng+"):  # a web search engine's JSON API (corpora/searx.py)
+            from corpora.searx import PREFIX as SEARX
+
+            if spec.startswith(SEARX):  # a web search engine's JSON API (corpora/searx.py)
                 from corpora.searx import SearxngRetriever
 
                 _loaded[key] = SearxngRetriever(spec)

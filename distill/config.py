@@ -61,6 +61,19 @@ class ModelConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Who samples the student's episodes (``distill/rollout_engine.py``)."""
+
+    engine: str = "transformers"  # transformers: the trained module itself | vllm: an in-process vllm.LLM
+    # vllm only: the engine's memory on a GPU (a fraction, shared with the trainer: colocated)
+    gpu_memory_utilization: float = 0.3
+    kv_cache_memory_bytes: int = 0  # vllm: the KV cache in bytes (0: from gpu_memory_utilization; vLLM's CPU build needs it)
+    max_model_len: int = 0  # vllm: 0 = the model's own
+    enforce_eager: bool = False  # vllm: no CUDA graphs (faster start, slower steps)
+    sleep: bool = False  # vllm on a GPU: sleep mode frees the engine's weights and KV cache during each update
+
+
+@dataclass
 class EvalConfig:
     questions: int = 4  # held-out questions evaluated greedily before and after training
     before: bool = True
@@ -76,6 +89,7 @@ class TrainConfig:
     # config dataclass (``distill.teachers.BACKENDS``), so ``cfg.teacher`` is e.g. a HttpTeacherConfig
     teacher: dict = field(default_factory=lambda: {"kind": "auto"})
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     steps: int = 2
     questions_per_step: int = 2
     group_size: int = 4
@@ -179,6 +193,14 @@ RULES: tuple[Rule, ...] = (
     Rule("model.lora_dropout", "a number in [0, 1)", lambda v: 0 <= v < 1),
     Rule("model.tiny_hidden", *_at_least(1)),
     Rule("model.tiny_layers", *_at_least(1)),
+    Rule("rollout.engine", *_one_of("transformers", "vllm")),
+    Rule("rollout.gpu_memory_utilization", "a number in (0, 1]", lambda v: 0 < v <= 1),
+    Rule("rollout.kv_cache_memory_bytes", *_at_least(0)),
+    Rule("rollout.max_model_len", *_at_least(0)),
+    Rule("model.lora", "true with rollout.engine=vllm (each step's adapter is loaded into vLLM; full fine-tuning "
+         "would need a weight push, which is not built)", lambda v: v is True, when=lambda c: c.rollout.engine == "vllm"),
+    Rule("model.name", "a model vLLM can load with rollout.engine=vllm (an embedded name, a folder or a hub id; "
+         "model=tiny lives only in memory)", lambda v: v != "tiny", when=lambda c: c.rollout.engine == "vllm"),
     Rule("teacher.url", "the http:// or https:// base URL of an OpenAI-compatible server, or several separated by "
          "commas, each once (a pool serving the same model; teacher=http requires one)",
          lambda v: _url_list(v), when=lambda c: c.teacher.kind == "http"),

@@ -2,9 +2,10 @@
 
 One step:
 
-1. **Rollout** ``questions_per_step x group_size`` episodes with the current student (its LoRA
-   adapters live in the same module the policy samples from, so the rollout always uses the
-   newest weights; a vLLM policy would load the saved adapter instead).
+1. **Rollout** ``questions_per_step x group_size`` episodes with the current student: by default
+   its LoRA adapters live in the same module the policy samples from, so the rollout always uses
+   the newest weights; with ``rollout.engine=vllm`` an in-process vLLM engine samples with the
+   adapter saved after the previous step (``distill.rollout_engine``).
 2. **Teacher signal and advantages**: ``method.prepare`` (no gradient) returns the advantage of
    every agent token, built in the method's own file from ``distill.advantages``, plus whatever
    its loss needs; a trajectory whose teacher call failed comes back ``None`` and is dropped.
@@ -34,7 +35,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from agents.hf_policy import TransformersPolicy
 from agents.policy import SamplingParams
 from agents.rollout import Trajectory, rollout
 from common.files import atomic_write_json, atomic_write_text
@@ -45,6 +45,7 @@ from distill.forward import checkpointed, checkpointing_layers, num_layers
 from distill.losses import entropy
 from distill.batches import Sample, student_hidden, build_samples, micro_batch
 from distill.methods import Signal, get_method
+from distill.rollout_engine import make_policy
 from distill.teachers import check_capabilities, make_teacher
 
 
@@ -152,7 +153,7 @@ class Run:
     method: Any
     run_dir: Path
     model: Any
-    policy: TransformersPolicy
+    policy: Any  # TransformersPolicy over ``model``, or distill.rollout_engine.VLLMRollout
     teacher: Any
     reference: Any
     optimizer: Any
@@ -182,6 +183,15 @@ class Run:
 def train(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> dict:
     """Held-out eval, ``cfg.steps`` steps (from the last checkpoint when resuming), held-out eval."""
     run = setup(cfg, mcfg, run_dir, resume)
+    try:
+        return _loop(run)
+    finally:
+        if hasattr(run.policy, "close"):  # rollout.engine=vllm: stop the engine's processes
+            run.policy.close()
+
+
+def _loop(run: Run) -> dict:
+    cfg, run_dir = run.cfg, run.run_dir
     if run.start == 0 and cfg.eval.before and run.rank == 0 and not (run_dir / "eval_before.json").exists():
         runlog.write_eval(run_dir, "before", *evaluate(run.policy, run.make_eval_env, run.eval_ids, cfg, "before"))
     dist.barrier()
@@ -254,7 +264,10 @@ def setup(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> Run:
     if rank == 0:
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg, mcfg))
     dist.barrier()
-    return Run(cfg, mcfg, method, run_dir, model, TransformersPolicy(model, tok), teacher, reference, optimizer, scheduler,
+    policy = make_policy(cfg.rollout, model, tok, cfg.model, cfg.seed)
+    if hasattr(policy, "sync"):  # vLLM samples with the adapter of the step training resumes from
+        policy.sync(model, run_dir, start, cfg.keep_checkpoints)
+    return Run(cfg, mcfg, method, run_dir, model, policy, teacher, reference, optimizer, scheduler,
                params, checkpointing_layers(model) if cfg.model.gradient_checkpointing else [],
                method.student_layers(mcfg, n_s, n_t), (n_s, n_t), make_env, make_eval_env, train_ids, eval_ids, start,
                method_state, history, runlog.tensorboard(run_dir, cfg, start) if rank == 0 else None,
@@ -287,7 +300,13 @@ def train_step(run: Run, step: int, bar) -> tuple[dict, Signal]:
 
     bar.set_description(f"step {step + 1}/{cfg.steps} update")
     samples = build_samples(trajs, sig)
+    sampled_with = getattr(run.policy, "adapter_step", None)
+    if hasattr(run.policy, "sleep"):
+        run.policy.sleep()
     upd = update(run, samples)
+    if hasattr(run.policy, "sync"):  # the new adapter reaches vLLM before the next rollout
+        run.policy.wake_up()
+        run.policy.sync(run.model, run.run_dir, step + 1, cfg.keep_checkpoints)
     t_end = time.perf_counter()
 
     parts = dist.gather((trajs, sig.metrics, len(samples), upd))  # every rank's, in rank order
@@ -301,6 +320,8 @@ def train_step(run: Run, step: int, bar) -> tuple[dict, Signal]:
                                run.scheduler.get_last_lr()[0], sum(p[2] for p in parts), (t_start, t_roll, t_teacher, t_end),
                                run.teacher, run.anon)
     line["logprob_drift"] = tot("drift_sum") / max(tot("drift_n"), 1)  # mean |learner - sampler| log-prob, student tokens
+    if sampled_with is not None:
+        line["rollout_adapter_step"] = sampled_with  # rollout.engine=vllm: the step whose adapter sampled this one
     line["idle_samples"] = tot("idle_samples")  # all-zero advantage: forward only, no backward (see update)
     if run.size > 1:
         line["ranks"] = run.size

@@ -39,4 +39,4 @@ print(f"vLLM {vllm.__version__} on {vllm_device()}, torch {torch.__version__}, t
 assert vllm_device() == "cpu" or vllm_device() == "cuda", "vLLM cannot run here"
 PY
 "$PY" -m pytest -q -p no:cacheprovider tests/agents/test_vllm_policy.py tests/agents/test_vllm_serve.py \
-    tests/distill/test_vllm_teacher.py tests/benchmarks/test_engine_speed.py "$@"
+    tests/distill/test_vllm_teacher.py tests/distill/test_vllm_rollout.py tests/benchmarks/test_engine_speed.py "$@"

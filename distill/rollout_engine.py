@@ -1,0 +1,98 @@
+"""Who samples the student's episodes: ``rollout.engine=transformers|vllm``.
+
+* ``transformers`` (default): the policy wraps the trained module itself, so every rollout uses
+  the newest weights with nothing to copy.
+* ``vllm``: an in-process ``vllm.LLM`` (``agents.vllm_policy.VLLMPolicy``) samples, colocated
+  with the trainer (``rollout.gpu_memory_utilization`` is its share of the GPU). The trainer's
+  LoRA adapter reaches it after every optimizer step: :meth:`VLLMRollout.sync` saves the adapter
+  (peft format, written to a temporary folder and renamed) to ``RUN/rollout_adapter/step_N`` and
+  points the engine at it under a fresh LoRA id, so vLLM loads the new weights instead of its
+  cached copy of an older adapter. Step N+1's episodes are therefore sampled with step N's
+  adapter; the metrics line records which (``rollout_adapter_step``). Trajectories keep vLLM's
+  sampling log-probs, the loss's PPO ratio is taken against them and ``logprob_drift`` (the mean
+  ``|learner - vLLM|`` log-prob) is logged.
+
+  Paths that exist: LoRA only. Full fine-tuning would need the weights pushed into the engine
+  (vLLM's collective RPC or a reload per step); that is not built, and ``model.lora=false``
+  with ``rollout.engine=vllm`` is refused at start-up.
+
+  ``rollout.sleep=true`` (a GPU only: vLLM's sleep mode) puts the engine to sleep (level 1:
+  weights offloaded to CPU memory, KV cache freed) for each update and wakes it for the next
+  rollout; it was not run here (no GPU in this project's test machines), so it is off by default.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+ADAPTER_DIR = "rollout_adapter"
+_VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def make_policy(rc, model, tok, model_cfg, seed: int):
+    """The rollout policy the config asks for (``rc`` is the ``rollout`` section)."""
+    if rc.engine == "transformers":
+        from agents.hf_policy import TransformersPolicy
+
+        return TransformersPolicy(model, tok)
+    return VLLMRollout(rc, tok, model_cfg, seed)
+
+
+class VLLMRollout:
+    """A VLLMPolicy that follows the trainer's LoRA adapter (see the module docstring). Every
+    Policy call goes to the engine; ``sync`` hands it the newest adapter."""
+
+    def __init__(self, rc, tok, model_cfg, seed: int):
+        from agents.vllm_policy import VLLMPolicy, vllm_device
+
+        kw = {"enforce_eager": True} if rc.enforce_eager else {}
+        if rc.kv_cache_memory_bytes:
+            kw["kv_cache_memory_bytes"] = int(rc.kv_cache_memory_bytes)
+        if rc.max_model_len:
+            kw["max_model_len"] = int(rc.max_model_len)
+        self.sleeps = bool(rc.sleep) and vllm_device() == "cuda"
+        if self.sleeps:
+            kw["enable_sleep_mode"] = True
+        rank = next((r for r in _VLLM_LORA_RANKS if r >= model_cfg.lora_r), model_cfg.lora_r)
+        dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(model_cfg.dtype, model_cfg.dtype)
+        self.policy = VLLMPolicy(model_cfg.name, tokenizer=tok, dtype=dtype, gpu_memory_utilization=rc.gpu_memory_utilization,
+                                 enable_lora=True, max_lora_rank=rank, seed=seed, **kw)
+        self.adapter_step: int | None = None  # the trainer step whose adapter the engine samples with
+        eos = self.policy.eos_ids
+        self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0))  # as TransformersPolicy
+
+    def __getattr__(self, name):  # tokenizer, encode, decode, chat template, generate, pad_id ...
+        if name == "policy":
+            raise AttributeError(name)
+        return getattr(self.policy, name)
+
+    def generate(self, prompts, sampling, contexts=None):
+        return self.policy.generate(prompts, sampling, contexts)
+
+    def sync(self, model, run_dir: Path, step: int, keep: int = 2) -> Path:
+        """Save ``model``'s adapter as ``RUN/rollout_adapter/step_<step>`` and sample with it from now on."""
+        root = Path(run_dir) / ADAPTER_DIR
+        final, tmp = root / f"step_{step}", root / f".tmp-step_{step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(str(tmp))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted((p for p in root.iterdir() if p.name.startswith("step_")), key=lambda p: int(p.name[5:]))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.policy.load_adapter(str(final), name=f"step-{step}")
+        self.adapter_step = step
+        return final
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory for the update (sleep mode, level 1), where enabled."""
+        if self.sleeps:
+            self.policy.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self.sleeps:
+            self.policy.llm.wake_up()
+
+    def close(self) -> None:
+        self.policy.close()
