@@ -71,6 +71,9 @@ class RolloutConfig:
     max_model_len: int = 0  # vllm: 0 = the model's own
     enforce_eager: bool = False  # vllm: no CUDA graphs (faster start, slower steps)
     sleep: bool = False  # vllm on a GPU: sleep mode frees the engine's weights and KV cache during each update
+    url: str = ""  # vllm: a separate `vllm serve` endpoint (http://host:port/v1) instead of the in-process engine
+    served_model: str = ""  # its base model's served name ("": the first of its /v1/models)
+    timeout: float = 300.0  # seconds per request to that server
 
 
 @dataclass
@@ -197,10 +200,15 @@ RULES: tuple[Rule, ...] = (
     Rule("rollout.gpu_memory_utilization", "a number in (0, 1]", lambda v: 0 < v <= 1),
     Rule("rollout.kv_cache_memory_bytes", *_at_least(0)),
     Rule("rollout.max_model_len", *_at_least(0)),
+    Rule("rollout.url", "empty (the in-process engine) or the http:// or https:// base URL of a `vllm serve` endpoint",
+         lambda v: v == "" or bool(re.fullmatch(r"https?://[^\s/,]+(/\S*)?", v))),
+    Rule("rollout.url", "empty with rollout.engine=transformers (a rollout server needs rollout.engine=vllm)",
+         lambda v: v == "", when=lambda c: c.rollout.engine == "transformers"),
+    Rule("rollout.timeout", *_positive()),
     Rule("model.lora", "true with rollout.engine=vllm (each step's adapter is loaded into vLLM; full fine-tuning "
          "would need a weight push, which is not built)", lambda v: v is True, when=lambda c: c.rollout.engine == "vllm"),
     Rule("model.name", "a model vLLM can load with rollout.engine=vllm (an embedded name, a folder or a hub id; "
-         "model=tiny lives only in memory)", lambda v: v != "tiny", when=lambda c: c.rollout.engine == "vllm"),
+         "model=tiny lives only in memory)", lambda v: v != "tiny", when=lambda c: c.rollout.engine == "vllm" and not c.rollout.url),
     Rule("teacher.url", "the http:// or https:// base URL of an OpenAI-compatible server, or several separated by "
          "commas, each once (a pool serving the same model; teacher=http requires one)",
          lambda v: _url_list(v), when=lambda c: c.teacher.kind == "http"),

@@ -19,6 +19,13 @@
   ``rollout.sleep=true`` (a GPU only: vLLM's sleep mode) puts the engine to sleep (level 1:
   weights offloaded to CPU memory, KV cache freed) for each update and wakes it for the next
   rollout; it was not run here (no GPU in this project's test machines), so it is off by default.
+* ``vllm`` with ``rollout.url=http://host:port/v1``: a separate ``vllm serve`` samples, through
+  ``agents.http_policy.OpenAIPolicy`` (token ids in, token ids and log-probs out). The server
+  must run with ``--enable-lora --max-lora-rank R`` (R >= ``model.lora_r``) and
+  ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` in its environment, and must see the run directory
+  (the same machine or a shared filesystem): after each step the adapter folder is registered
+  with ``POST /v1/load_lora_adapter`` under the name ``step-N``, later requests name that model,
+  and the previous adapter is unloaded (``/v1/unload_lora_adapter``).
 """
 from __future__ import annotations
 
@@ -36,7 +43,25 @@ def make_policy(rc, model, tok, model_cfg, seed: int):
         from agents.hf_policy import TransformersPolicy
 
         return TransformersPolicy(model, tok)
+    if rc.url:
+        return VLLMServerRollout(rc, tok)
     return VLLMRollout(rc, tok, model_cfg, seed)
+
+
+def save_adapter(model, run_dir: Path, step: int, keep: int, rank: int = 0) -> Path:
+    """``model``'s peft adapter as ``RUN/rollout_adapter/step_<step>`` (a temporary folder, then a
+    rename; the last ``keep`` are kept). Under torchrun every rank has its engine and writes its
+    own copy (rank r > 0: ``RUN/rollout_adapter/rank<r>/step_<step>``), so no two write one folder."""
+    root = Path(run_dir) / ADAPTER_DIR / (f"rank{rank}" if rank else "")
+    final, tmp = root / f"step_{step}", root / f".tmp-step_{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted((p for p in root.iterdir() if p.name.startswith("step_")), key=lambda p: int(p.name[5:]))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 class VLLMRollout:
@@ -70,17 +95,9 @@ class VLLMRollout:
     def generate(self, prompts, sampling, contexts=None):
         return self.policy.generate(prompts, sampling, contexts)
 
-    def sync(self, model, run_dir: Path, step: int, keep: int = 2) -> Path:
+    def sync(self, model, run_dir: Path, step: int, keep: int = 2, rank: int = 0) -> Path:
         """Save ``model``'s adapter as ``RUN/rollout_adapter/step_<step>`` and sample with it from now on."""
-        root = Path(run_dir) / ADAPTER_DIR
-        final, tmp = root / f"step_{step}", root / f".tmp-step_{step}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        model.save_pretrained(str(tmp))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted((p for p in root.iterdir() if p.name.startswith("step_")), key=lambda p: int(p.name[5:]))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        final = save_adapter(model, run_dir, step, keep, rank)
         self.policy.load_adapter(str(final), name=f"step-{step}")
         self.adapter_step = step
         return final
@@ -93,6 +110,58 @@ class VLLMRollout:
     def wake_up(self) -> None:
         if self.sleeps:
             self.policy.llm.wake_up()
+
+    def close(self) -> None:
+        self.policy.close()
+
+
+class VLLMServerRollout:
+    """A ``vllm serve`` endpoint that follows the trainer's LoRA adapter (see the module docstring)."""
+
+    def __init__(self, rc, tok):
+        from agents.http_policy import OpenAIPolicy
+
+        self.policy = OpenAIPolicy(rc.url, model=rc.served_model or None, tokenizer=tok, timeout=rc.timeout)
+        self.base_model = self.policy.model
+        self.adapter_step: int | None = None
+        eos = self.policy.eos_ids
+        self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0))
+
+    def __getattr__(self, name):
+        if name == "policy":
+            raise AttributeError(name)
+        return getattr(self.policy, name)
+
+    def generate(self, prompts, sampling, contexts=None):
+        return self.policy.generate(prompts, sampling, contexts)
+
+    def _lora(self, action: str, payload: dict) -> None:
+        from agents.http_policy import EndpointError
+
+        url = f"{self.policy.base_url}/{action}_lora_adapter"
+        r = self.policy.session.post(url, json=payload, timeout=self.policy.timeout)
+        if r.status_code != 200:
+            hint = (" (start vllm serve with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)"
+                    if r.status_code == 404 else "")
+            raise EndpointError(f"POST {url} returned HTTP {r.status_code}{hint}: {r.text[:1000]}", r.status_code, r.text)
+
+    def sync(self, model, run_dir: Path, step: int, keep: int = 2, rank: int = 0) -> Path:
+        """Save the adapter, register it with the server as ``step-<step>``, sample with it, and
+        unload the one before (ranks share a server: each registers its own copy by name)."""
+        final = save_adapter(model, run_dir, step, keep, rank)
+        name, old = f"step-{step}" + (f"-rank{rank}" if rank else ""), self.policy.model
+        self._lora("load", {"lora_name": name, "lora_path": str(final.resolve())})
+        self.policy.model = name
+        if old != self.base_model and old != name:
+            self._lora("unload", {"lora_name": old})
+        self.adapter_step = step
+        return final
+
+    def sleep(self) -> None:
+        pass
+
+    def wake_up(self) -> None:
+        pass
 
     def close(self) -> None:
         self.policy.close()

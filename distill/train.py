@@ -266,7 +266,7 @@ def setup(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> Run:
     dist.barrier()
     policy = make_policy(cfg.rollout, model, tok, cfg.model, cfg.seed)
     if hasattr(policy, "sync"):  # vLLM samples with the adapter of the step training resumes from
-        policy.sync(model, run_dir, start, cfg.keep_checkpoints)
+        policy.sync(model, run_dir, start, cfg.keep_checkpoints, rank)
     return Run(cfg, mcfg, method, run_dir, model, policy, teacher, reference, optimizer, scheduler,
                params, checkpointing_layers(model) if cfg.model.gradient_checkpointing else [],
                method.student_layers(mcfg, n_s, n_t), (n_s, n_t), make_env, make_eval_env, train_ids, eval_ids, start,
@@ -306,7 +306,7 @@ def train_step(run: Run, step: int, bar) -> tuple[dict, Signal]:
     upd = update(run, samples)
     if hasattr(run.policy, "sync"):  # the new adapter reaches vLLM before the next rollout
         run.policy.wake_up()
-        run.policy.sync(run.model, run.run_dir, step + 1, cfg.keep_checkpoints)
+        run.policy.sync(run.model, run.run_dir, step + 1, cfg.keep_checkpoints, run.rank)
     t_end = time.perf_counter()
 
     parts = dist.gather((trajs, sig.metrics, len(samples), upd))  # every rank's, in rank order

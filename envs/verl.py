@@ -35,14 +35,14 @@ Use: make the data (``build_dataset("hotpotqa:train", top_k=3, max_turns=4).to_p
 the env arguments the same as the loop's), then point
 ``actor_rollout_ref.rollout.agent.agent_loop_config_path`` at a file such as::
 
-    - name: webqa_agent
+    - name: webqa
       _target_: envs.verl.WebQAAgentLoop
       env_id: WebQA-v0
       env_kwargs: {top_k: 3, max_turns: 4}
       max_tokens_per_turn: 500
 
 with ``data.train_files=train.parquet``. The rows' ``agent_name`` column picks the loop
-(``rollout.agent.default_agent_loop=webqa_agent`` does too); rollouts must be async (verl
+(``rollout.agent.default_agent_loop=webqa`` does too); rollouts must be async (verl
 0.9's default) and ``rollout.calculate_log_probs=True`` (0.9's default) brings the log-probs.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ import gymnasium as gym
 
 import envs  # noqa: F401  (registers the ids)
 
-AGENT_NAME = "webqa_agent"
+AGENT_NAME = "webqa"
 STOPS = {"tags": ("</search>", "</browse>", "</answer>"), "tool_call": ("</tool_call>",)}
 _STEP_LOCK = threading.Lock()  # env steps run in worker threads, one at a time per process
 

@@ -1,8 +1,9 @@
 """``rollout.engine=vllm``: a 2-step grpo run whose episodes an in-process vLLM engine samples
 (the small model + LoRA). The adapter changes; step 2 is sampled with step 1's adapter (the
 metrics say so, and vLLM with that adapter decodes greedily what peft does); the sampler/learner
-drift is logged; a run stopped after step 1 resumes to the uninterrupted run's weights. Runs
-wherever vLLM can (a CUDA GPU, or vLLM's CPU build: ``scripts/test_vllm_cpu.sh``)."""
+drift is logged; a run stopped after step 1 resumes to the uninterrupted run's weights. The same
+with a separate ``vllm serve`` on 127.0.0.1 (``rollout.url``), whose adapters are loaded and
+unloaded at run time. Runs wherever vLLM can (a CUDA GPU, or vLLM's CPU build: ``scripts/test_vllm_cpu.sh``)."""
 import json
 import math
 
@@ -92,3 +93,82 @@ def test_resume_with_vllm_rollouts_gives_the_same_weights(reference, tmp_path):
     b = load_file(str(reference / "checkpoints" / "step_000002" / "trainable.safetensors"))
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``vllm serve`` of the small model on 127.0.0.1, with runtime LoRA loading on."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from agents.models import MissingModelPackage, resolve_model
+    from common.subprocess_server import free_port
+
+    try:
+        resolve_model("small")
+    except MissingModelPackage as exc:
+        pytest.skip(str(exc))
+    port, log = free_port(), tmp_path_factory.mktemp("serve") / "serve.log"
+    cmd = [sys.executable, "-m", "agents.serve_model", "small", "--backend", "vllm", "--port", str(port), "--dtype",
+           "float32", "--enforce-eager", "--max-model-len", "1024", "--enable-lora", "--max-lora-rank", "8"]
+    cmd += ["--kv-cache-memory-bytes", str(1 << 30)] if DEVICE == "cpu" else ["--gpu-memory-utilization", "0.3"]
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
+            try:
+                if requests.get(url + "/models", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, f"vllm serve not ready in 300 s:\n{log.read_text()[-4000:]}"
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_vllm_serve_endpoint_samples_with_each_steps_adapter(server, tmp_path):
+    import requests
+    from peft import PeftModel
+
+    from agents.hf_policy import TransformersPolicy
+    from agents.http_policy import OpenAIPolicy
+    from agents.models import load_model
+    from agents.policy import SamplingParams, chat_ids
+
+    out = tmp_path / "run"
+    base = [a for a in ARGS if not a.startswith("rollout.")]
+    from distill.run import main
+
+    assert main([*base, "rollout.engine=vllm", f"rollout.url={server}", f"output_dir={out}", "steps=2"]) == 0
+    got = lines(out)
+    assert [x["rollout_adapter_step"] for x in got] == [0, 1]
+    assert all(math.isfinite(x["logprob_drift"]) and x["logprob_drift"] < 0.05 for x in got)
+    served = {m["id"] for m in requests.get(server + "/models", timeout=10).json()["data"]}
+    assert "step-2" in served and "step-1" not in served  # the newest adapter loaded, the one before unloaded
+    # greedy through the server with the step-2 adapter = peft with the same folder
+    model, tok = load_model("small", dtype="float32", device=DEVICE)
+    peft = TransformersPolicy(PeftModel.from_pretrained(model, str(out / "rollout_adapter" / "step_2")).eval(), tok)
+    prompt = chat_ids(tok, [{"role": "user", "content": "Say something with many vowels (4)."}])
+    sp = SamplingParams(temperature=0.0, max_new_tokens=12)
+    client = OpenAIPolicy(server, model="step-2", tokenizer=tok, timeout=120)
+    try:
+        a, b = client.generate([prompt], sp)[0], peft.generate([prompt], sp)[0]
+    finally:
+        client.close()
+    assert a.token_ids[:8] == b.token_ids[:8]
+    assert a.logprobs[:8] == pytest.approx(b.logprobs[:8], abs=2e-2)
