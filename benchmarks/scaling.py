@@ -21,7 +21,7 @@ step's rollout seconds; env tokens are not counted). Ratios are against ``transf
 same invocation. A case whose run finished is not run again (``fresh=true`` reruns all).
 
 Writes ``OUT/scaling.json`` (settings, per-case per-step lines and summaries),
-``OUT/scaling.png`` and prints the table.
+``OUT/scaling.png`` and prints the table; each run's log goes to ``OUT/logs/<case>.log``.
 """
 from __future__ import annotations
 
@@ -165,10 +165,11 @@ def main(argv: list[str] | None = None) -> int:
             cmd, env = command(cfg, name, run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             print(f"{name}: {' '.join(cmd)}", flush=True)
-            with open(out / f"{name}.log", "a", encoding="utf-8") as fh:
+            (out / "logs").mkdir(exist_ok=True)
+            with open(out / "logs" / f"{name}.log", "a", encoding="utf-8") as fh:
                 p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
             if p.returncode != 0:
-                print(f"{name}: failed ({p.returncode}); see {out / f'{name}.log'}", flush=True)
+                print(f"{name}: failed ({p.returncode}); see {out / 'logs' / f'{name}.log'}", flush=True)
                 res["cases"][name] = {"error": f"exit {p.returncode}"}
                 continue
         lines = [json.loads(x) for x in metrics.read_text().splitlines()]
