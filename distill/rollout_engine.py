@@ -70,7 +70,29 @@ def save_adapter(model, run_dir: Path, step: int, keep: int, rank: int = 0) -> P
     return final
 
 
-class VLLMRollout:
+class _Following:
+    """What both vLLM rollouts share: every Policy call goes to ``self.policy``; ``pad_id`` as
+    TransformersPolicy picks it; ``adapter_step`` is the trainer step whose adapter samples."""
+
+    def _follow(self, policy, tok) -> None:
+        self.policy = policy
+        self.adapter_step: int | None = None
+        eos = policy.eos_ids
+        self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0))
+
+    def __getattr__(self, name):  # tokenizer, encode, decode, chat template ...
+        if name == "policy":
+            raise AttributeError(name)
+        return getattr(self.policy, name)
+
+    def generate(self, prompts, sampling, contexts=None):
+        return self.policy.generate(prompts, sampling, contexts)
+
+    def close(self) -> None:
+        self.policy.close()
+
+
+class VLLMRollout(_Following):
     """A VLLMPolicy that follows the trainer's LoRA adapter (see the module docstring). Every
     Policy call goes to the engine; ``sync`` hands it the newest adapter."""
 
@@ -87,19 +109,8 @@ class VLLMRollout:
             kw["enable_sleep_mode"] = True
         rank = next((r for r in _VLLM_LORA_RANKS if r >= model_cfg.lora_r), model_cfg.lora_r)
         dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(model_cfg.dtype, model_cfg.dtype)
-        self.policy = VLLMPolicy(model_cfg.name, tokenizer=tok, dtype=dtype, gpu_memory_utilization=rc.gpu_memory_utilization,
-                                 enable_lora=True, max_lora_rank=rank, seed=seed, **kw)
-        self.adapter_step: int | None = None  # the trainer step whose adapter the engine samples with
-        eos = self.policy.eos_ids
-        self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0))  # as TransformersPolicy
-
-    def __getattr__(self, name):  # tokenizer, encode, decode, chat template, generate, pad_id ...
-        if name == "policy":
-            raise AttributeError(name)
-        return getattr(self.policy, name)
-
-    def generate(self, prompts, sampling, contexts=None):
-        return self.policy.generate(prompts, sampling, contexts)
+        self._follow(VLLMPolicy(model_cfg.name, tokenizer=tok, dtype=dtype, gpu_memory_utilization=rc.gpu_memory_utilization,
+                                enable_lora=True, max_lora_rank=rank, seed=seed, **kw), tok)
 
     def sync(self, model, run_dir: Path, step: int, keep: int = 2, rank: int = 0) -> Path:
         """Save ``model``'s adapter as ``RUN/rollout_adapter/step_<step>`` and sample with it from now on."""
@@ -117,29 +128,15 @@ class VLLMRollout:
         if self.sleeps:
             self.policy.llm.wake_up()
 
-    def close(self) -> None:
-        self.policy.close()
 
-
-class VLLMServerRollout:
+class VLLMServerRollout(_Following):
     """A ``vllm serve`` endpoint that follows the trainer's LoRA adapter (see the module docstring)."""
 
     def __init__(self, rc, tok):
         from agents.http_policy import OpenAIPolicy
 
-        self.policy = OpenAIPolicy(rc.url, model=rc.served_model or None, tokenizer=tok, timeout=rc.timeout)
+        self._follow(OpenAIPolicy(rc.url, model=rc.served_model or None, tokenizer=tok, timeout=rc.timeout), tok)
         self.base_model = self.policy.model
-        self.adapter_step: int | None = None
-        eos = self.policy.eos_ids
-        self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0))
-
-    def __getattr__(self, name):
-        if name == "policy":
-            raise AttributeError(name)
-        return getattr(self.policy, name)
-
-    def generate(self, prompts, sampling, contexts=None):
-        return self.policy.generate(prompts, sampling, contexts)
 
     def _lora(self, action: str, payload: dict) -> None:
         from agents.http_policy import EndpointError
@@ -168,6 +165,3 @@ class VLLMServerRollout:
 
     def wake_up(self) -> None:
         pass
-
-    def close(self) -> None:
-        self.policy.close()
