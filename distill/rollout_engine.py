@@ -2,6 +2,13 @@
 
 * ``transformers`` (default): the policy wraps the trained module itself, so every rollout uses
   the newest weights with nothing to copy.
+* ``transformers`` with ``rollout.dtype`` other than ``model.dtype`` (e.g. ``rollout.dtype=bfloat16``
+  beside a float32 learner; on CPUs with AVX512-BF16 or AMX, and on GPUs, bfloat16 decodes faster):
+  a copy of the student in that dtype samples (:class:`CastRollout`). After every optimizer step
+  the trained parameters (the LoRA weights, or every weight without LoRA) are copied into it,
+  cast, so each rollout uses the newest weights rounded to the sampling dtype. Trajectories keep
+  the copy's sampling log-probs, the loss's PPO ratio is taken against them and ``logprob_drift``
+  measures the rounding. The held-out evaluations of ``distill.run`` also run on the copy.
 * ``vllm``: an in-process ``vllm.LLM`` (``agents.vllm_policy.VLLMPolicy``) samples, colocated
   with the trainer (``rollout.gpu_memory_utilization`` is its share of the GPU). The trainer's
   LoRA adapter reaches it after every optimizer step: :meth:`VLLMRollout.sync` saves the adapter
@@ -43,11 +50,17 @@ ADAPTER_DIR = "rollout_adapter"
 _VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
+def canonical_dtype(name: str) -> str:
+    return {"fp32": "float32", "bf16": "bfloat16"}.get(name, name)
+
+
 def make_policy(rc, model, tok, model_cfg, seed: int):
     """The rollout policy the config asks for (``rc`` is the ``rollout`` section)."""
     if rc.engine == "transformers":
         from agents.hf_policy import TransformersPolicy
 
+        if rc.dtype and canonical_dtype(rc.dtype) != canonical_dtype(model_cfg.dtype):
+            return CastRollout(model, tok, canonical_dtype(rc.dtype))
         return TransformersPolicy(model, tok)
     if rc.url:
         return VLLMServerRollout(rc, tok)
@@ -92,6 +105,44 @@ class _Following:
         self.policy.close()
 
 
+class CastRollout(_Following):
+    """A copy of the student in another dtype that samples, following the trained parameters
+    (see the module docstring). ``sync`` copies them in, cast, after every optimizer step."""
+
+    def __init__(self, model, tok, dtype: str):
+        import copy
+
+        import torch
+
+        from agents.hf_policy import TransformersPolicy
+
+        self.dtype = getattr(torch, dtype)
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        sampler = copy.deepcopy(model).to(self.dtype).eval()
+        sampler.requires_grad_(False)
+        self.sampler = sampler
+        self._follow(TransformersPolicy(sampler, tok), tok)
+
+    def sync(self, model, run_dir: Path, step: int, keep: int = 2, rank: int = 0) -> None:
+        """Copy ``model``'s trained parameters into the sampling copy, cast to its dtype."""
+        import torch
+
+        mine, theirs = dict(self.sampler.named_parameters()), dict(model.named_parameters())
+        with torch.no_grad():
+            for n in self.names:
+                mine[n].copy_(theirs[n])  # copy_ casts, and bumps the version the policy's KV cache is keyed on
+        self.adapter_step = step
+
+    def sleep(self) -> None:
+        pass
+
+    def wake_up(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class VLLMRollout(_Following):
     """A VLLMPolicy that follows the trainer's LoRA adapter (see the module docstring). Every
     Policy call goes to the engine; ``sync`` hands it the newest adapter."""
@@ -108,7 +159,7 @@ class VLLMRollout(_Following):
         if self.sleeps:
             kw["enable_sleep_mode"] = True
         rank = next((r for r in _VLLM_LORA_RANKS if r >= model_cfg.lora_r), model_cfg.lora_r)
-        dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(model_cfg.dtype, model_cfg.dtype)
+        dtype = canonical_dtype(rc.dtype or model_cfg.dtype)
         self._follow(VLLMPolicy(model_cfg.name, tokenizer=tok, dtype=dtype, gpu_memory_utilization=rc.gpu_memory_utilization,
                                 enable_lora=True, max_lora_rank=rank, seed=seed, **kw), tok)
 

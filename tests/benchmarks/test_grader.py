@@ -135,3 +135,13 @@ def test_unknown_config_name_fails(tmp_path):
     _write_recorded(rec, 2)
     with pytest.raises(SystemExit, match="unknown or no configs"):
         main(["configs=default,nope", f"recorded={rec}", f"out={tmp_path}"])
+
+
+def test_each_teacher_dtype_has_its_own_score_cache(tmp_path):
+    gc = grader.CONFIGS["default"]
+    fp32 = grader.cache_path(tmp_path, "teacher", gc)
+    assert grader.cache_path(tmp_path, "teacher", gc, "fp32") == fp32  # the name written before dtypes counted
+    bf16 = grader.cache_path(tmp_path, "teacher", gc, "bfloat16")
+    assert bf16 != fp32 and grader.cache_path(tmp_path, "teacher", gc, "bf16") == bf16
+    url = "http://127.0.0.1:8001/v1"
+    assert grader.cache_path(tmp_path, url, gc, "bfloat16") == grader.cache_path(tmp_path, url, gc)  # a server's own dtype

@@ -12,11 +12,11 @@ pytestmark = pytest.mark.slow
 
 def test_scaling_cases_run_and_report(tmp_path, capsys):
     out = tmp_path / "scaling"
-    args = ["cases=transformers,ranks2", "model=tiny", "steps=2", "questions_per_step=2", "group_size=2", f"out={out}",
+    args = ["cases=transformers,ranks2,bf16", "model=tiny", "steps=2", "questions_per_step=2", "group_size=2", f"out={out}",
             "extra=max_tokens_per_turn=8 max_total_tokens=160 env.max_turns=2"]
     assert main(args) == 0
     res = json.loads((out / "scaling.json").read_text())
-    for case in ("transformers", "ranks2"):
+    for case in ("transformers", "ranks2", "bf16"):
         s = res["cases"][case]["summary"]
         assert s["steps"] == 2 and s["steps_averaged"] == 1
         assert s["s_per_step"] > 0 and s["rollout_tokens_per_s"] > 0
@@ -24,6 +24,9 @@ def test_scaling_cases_run_and_report(tmp_path, capsys):
     assert (out / "scaling.png").stat().st_size > 0
     table = capsys.readouterr().out
     assert "| ranks2 | 1 |" in table and "1.00" in table  # transformers against itself
+    assert res["cases"]["transformers"]["summary"]["logprob_drift"] < 1e-5  # the trained module samples
+    assert res["cases"]["bf16"]["summary"]["logprob_drift"] > 1e-4  # a bfloat16 copy samples
+    assert [x["rollout_adapter_step"] for x in res["cases"]["bf16"]["lines"]] == [0, 1]
     before = (out / "runs" / "ranks2" / "metrics.jsonl").read_text()
     assert main(args) == 0  # finished cases are read back, not rerun
     assert (out / "runs" / "ranks2" / "metrics.jsonl").read_text() == before

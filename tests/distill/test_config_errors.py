@@ -37,6 +37,7 @@ BAD = [
     (["threads=-1"], "threads"),
     (["env.max_tokens_per_turn=0"], "env.max_tokens_per_turn"),
     (["env.name=atari"], "env.name"),
+    (["rollout.dtype=float16"], "rollout.dtype"),
     (["env=nosuch"], "env"),
     (["env.max_turns=0"], "env.max_turns"),
     (["env.max_turns=abc"], "env.max_turns"),
