@@ -17,7 +17,9 @@ checkpoint, evaluation episode by episode; a finished phase is skipped.
 Writes ``OUT/learning.json`` (``{"methods": {name: {"steps", "heldout": {"before", "mid",
 "after"}, "curve": [per-step metrics]}}, "settings": {...}}``), ``OUT/learning.png`` (held-out EM
 and train reward against step, every method) and ``OUT/README.md`` (the table), and prints the
-table. Runs are float32: on this CPU bfloat16 rollouts were slower (``results/rollout_speed_*``).
+table. ``dtype`` (default float32) is pinned for the student's sampler (``rollout.dtype``), the
+embedded teacher (``teacher.dtype``, where the method has one) and the evaluations, so a change of
+``distill.run``'s defaults cannot change a benchmark that is resumed over several days.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ METHODS: dict[str, list[str]] = {
     "eopd": ["method=eopd"],
     "oprd": ["method=oprd"],
 }
+LOCAL_TEACHER = {"ovd", "ovd_masked", "ovd_reward", "opd", "eopd", "oprd"}  # teacher=auto is the embedded teacher
 CURVE_KEYS = ("reward", "em", "f1", "answered", "invalid_action_rate", "teacher_score_mean", "teacher_score_std", "accept_rate",
               "teacher_tokens", "replaced_turns", "loss", "logprob_drift", "seconds", "seconds_rollout", "seconds_teacher",
               "seconds_update", "peak_anon_mb")
@@ -58,6 +61,7 @@ class LearningConfig:
     model: str = "student"
     seed: int = 0
     threads: int = 2
+    dtype: str = "float32"  # the sampler's, the embedded teacher's and the evaluation's
     out: str = "results/learning"
     report_only: bool = False
     extra: str = ""  # more distill.run overrides for every method, space-separated
@@ -83,7 +87,7 @@ def heldout(cfg: LearningConfig, out: Path, label: str, adapter: str = "") -> di
         if s["summary"].get("hotpotqa", {}).get("episodes") == cfg.heldout:
             return s["summary"]["hotpotqa"]
     args = [sys.executable, "-m", "benchmarks.eval", f"model={cfg.model}", "datasets=hotpotqa", f"limit={cfg.heldout}",
-            f"out={folder}", f"threads={cfg.threads}", f"seed={cfg.seed}", *cfg.eval_extra.split()] + ([f"adapter={adapter}"] if adapter else [])
+            f"out={folder}", f"threads={cfg.threads}", f"seed={cfg.seed}", f"dtype={cfg.dtype}", *cfg.eval_extra.split()] + ([f"adapter={adapter}"] if adapter else [])
     folder.mkdir(parents=True, exist_ok=True)
     print(f"  held-out {label}: {cfg.heldout} questions", flush=True)
     run(args, out / "logs" / f"eval_{label}.log")
@@ -98,7 +102,8 @@ def train_to(cfg: LearningConfig, out: Path, name: str, steps: int) -> None:
     args = [sys.executable, "-m", "distill.run", *METHODS[name], f"model={cfg.model}", f"steps={steps}",
             f"questions_per_step={cfg.questions_per_step}", f"group_size={cfg.group_size}", f"seed={cfg.seed}",
             f"threads={cfg.threads}", "eval.questions=0", "progress=false", "tensorboard=false", f"output_dir={run_dir}",
-            "resume=true", *cfg.extra.split()]
+            "resume=true", f"rollout.dtype={cfg.dtype}", *([f"teacher.dtype={cfg.dtype}"] if name in LOCAL_TEACHER else []),
+            *cfg.extra.split()]
     print(f"  {name}: training to step {steps}", flush=True)
     run(args, out / "logs" / f"train_{name}.log")
 
