@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.files import save_figure
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # method -> distill.run overrides (the teacher is each method's default: teacher=auto)
@@ -180,10 +182,7 @@ def _plot(res: dict, path: Path, steps: int) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

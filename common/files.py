@@ -64,6 +64,18 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG, written atomically; the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a fully written temp folder into place; the final folder appears whole or not at all."""
     final_dir = Path(final_dir)

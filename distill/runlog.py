@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.files import atomic_write_json, atomic_write_text
+from common.files import atomic_write_json, atomic_write_text, save_figure
 
 
 def peak_rss_mb() -> float:
@@ -186,7 +186,4 @@ def plot(run_dir: Path, history: list[dict]) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = run_dir / ".plot.png.tmp"
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, run_dir / "plot.png")
+    save_figure(fig, run_dir / "plot.png")
