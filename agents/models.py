@@ -81,7 +81,7 @@ __all__ = [
     "tiny_random_model",
 ]
 
-Dtype = Literal["float32", "bfloat16", "auto"]
+Dtype = Literal["float32", "bfloat16", "auto", "fast"]  # fast: bfloat16 where native_bf16(), else float32
 
 
 def resolve_model(name_or_path: str | os.PathLike[str], *, progress: bool = False, force: bool = False) -> Path | str:
@@ -108,16 +108,43 @@ def resolve_model(name_or_path: str | os.PathLike[str], *, progress: bool = Fals
 # ---------------------------------------------------------------------------------------------
 
 
+def native_bf16(device: "str | None" = None) -> bool:
+    """Whether ``device`` (default: CUDA if there is a GPU, else the CPU) computes bfloat16
+    natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX-BF16 (x86) or the BF16
+    extension (Arm), read from Linux's ``/proc/cpuinfo`` flags. Elsewhere (other systems, older
+    CPUs) False: there bfloat16 matmuls are emulated and slower than float32."""
+    import torch
+
+    if (device is None and torch.cuda.is_available()) or str(device or "").startswith("cuda"):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & _cpu_flags())
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        return set(Path("/proc/cpuinfo").read_text(errors="replace").split())
+    except OSError:
+        return set()
+
+
+def resolve_dtype(dtype: str, device: "str | None" = None) -> str:
+    """``"fast"`` -> ``"bfloat16"`` where :func:`native_bf16`, else ``"float32"``; other names unchanged."""
+    if dtype == "fast":
+        return "bfloat16" if native_bf16(device) else "float32"
+    return dtype
+
+
 def _torch_dtype(dtype: "Dtype | torch.dtype") -> Any:
     import torch
 
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
+    dtype = resolve_dtype(dtype)
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     try:
         return table[dtype]
     except KeyError:
-        raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'auto', got {dtype!r}") from None
+        raise ValueError(f"dtype must be 'float32', 'bfloat16', 'auto' or 'fast', got {dtype!r}") from None
 
 
 def ensure_pad_token(tokenizer: "PreTrainedTokenizerBase") -> None:

@@ -74,8 +74,7 @@ def command(cfg: ScalingConfig, case: str, run_dir: Path) -> tuple[list[str], di
         args += ["rollout.engine=vllm", "rollout.enforce_eager=true", "rollout.max_model_len=4608"]
         if not _has_cuda(py):
             args.append(f"rollout.kv_cache_memory_bytes={cfg.kv_cache_bytes}")
-    if case == "bf16":
-        args.append("rollout.dtype=bfloat16")
+    args.append(f"rollout.dtype={'bfloat16' if case == 'bf16' else cfg.dtype}")  # pinned: not distill.run's "fast"
     if case == "ranks2":
         env["OMP_NUM_THREADS"] = str(max(threads, 1))
         return [py, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),

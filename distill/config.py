@@ -65,7 +65,10 @@ class RolloutConfig:
     """Who samples the student's episodes (``distill/rollout_engine.py``)."""
 
     engine: str = "transformers"  # transformers: the trained module itself | vllm: an in-process vllm.LLM
-    dtype: str = ""  # the sampler's dtype ("": model.dtype); another one samples with a cast copy of the student
+    # the sampler's dtype ("": model.dtype); another one samples with a cast copy of the student.
+    # fast (default): bfloat16 where this machine computes it natively (agents.models.native_bf16),
+    # with the transformers engine and a real model; model.dtype otherwise (and for model=tiny)
+    dtype: str = "fast"
     # vllm only: the engine's memory on a GPU (a fraction, shared with the trainer: colocated)
     gpu_memory_utilization: float = 0.3
     kv_cache_memory_bytes: int = 0  # vllm: the KV cache in bytes (0: from gpu_memory_utilization; vLLM's CPU build needs it)
@@ -130,7 +133,7 @@ class ConfigError(ValueError):
 # -- validation: one table, one line per key ------------------------------------------------------------
 ENV_NAMES = ("webqa", "math")  # env=<name> presets (distill/conf/env/), kwargs in distill/train.py ENV_KWARGS
 TEACHER_KINDS = ("auto", *TEACHER_BACKENDS)  # auto: the method's default_teacher; else a row of distill.teachers.BACKENDS
-DTYPES = ("float32", "fp32", "bfloat16", "bf16", "auto")  # agents.models
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "auto", "fast")  # agents.models (fast: resolved in _typed)
 
 
 @dataclass(frozen=True)
@@ -347,6 +350,18 @@ def _typed(raw) -> tuple[TrainConfig, Any]:
         cfg.env.reward = method.default_reward  # the held-out evaluation reports EM and F1 whatever it is
     cfg.teacher = _teacher(cfg.teacher, method, cfg.model.name)
     validate(cfg)
+    # dtype "fast" (bfloat16 where this machine computes it natively, else float32) is resolved
+    # here, so config.yaml records what ran and a resumed run keeps it on another machine
+    from agents.models import resolve_dtype
+
+    device = None if cfg.model.device == "auto" else cfg.model.device
+    cfg.model.dtype = resolve_dtype(cfg.model.dtype, device)
+    if cfg.rollout.dtype == "fast" and (cfg.rollout.engine != "transformers" or cfg.model.name == "tiny"):
+        cfg.rollout.dtype = ""  # vLLM: the engine's dtype is model.dtype; the tiny test model: nothing to gain
+    cfg.rollout.dtype = resolve_dtype(cfg.rollout.dtype, device)
+    if hasattr(cfg.teacher, "dtype"):
+        tdev = getattr(cfg.teacher, "device", "auto")
+        cfg.teacher.dtype = resolve_dtype(cfg.teacher.dtype, None if tdev == "auto" else tdev)
     return cfg, mcfg
 
 

@@ -114,7 +114,10 @@ class LocalTeacherConfig:
 
     kind: str = "local"
     name: str = "teacher"  # teacher | student | small | tiny[:HxL] (random, tests) | hub id | path
-    dtype: str = "float32"
+    # fast: bfloat16 where this machine computes it natively (a GPU, a CPU with AVX512-BF16 or AMX),
+    # else float32 (agents.models.native_bf16). The teacher only reads and acts, it never trains:
+    # on such a CPU bfloat16 graded 4.0x faster with the same AUROC (results/grader_dtype)
+    dtype: str = "fast"
     device: str = "auto"
     batch_size: int = 4  # sequences per teacher forward
 

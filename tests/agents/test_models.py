@@ -185,3 +185,30 @@ def test_small_model_converts_and_answers() -> None:
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     text = tok.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in text
+
+
+@pytest.mark.parametrize("flags,want", [({"avx2", "avx512f"}, "float32"), ({"avx512f", "avx512_bf16"}, "bfloat16"),
+                                        ({"amx_bf16"}, "bfloat16"), ({"fp", "asimd", "bf16"}, "bfloat16"), (set(), "float32")])
+def test_fast_dtype_is_bfloat16_only_where_the_cpu_has_it(monkeypatch, flags, want) -> None:
+    monkeypatch.setattr(models, "_cpu_flags", lambda: flags)
+    assert models.resolve_dtype("fast", "cpu") == want
+    assert models.resolve_dtype("float32", "cpu") == "float32" and models.resolve_dtype("bf16", "cpu") == "bf16"
+    import torch
+
+    if not torch.cuda.is_available():  # without a GPU, load_model's "fast" is the CPU's
+        assert models._torch_dtype("fast") == getattr(torch, want)  # noqa: SLF001
+
+
+def test_train_config_resolves_fast_to_what_runs(monkeypatch) -> None:
+    from distill.config import resolve
+
+    for flags, want in (({"avx2"}, "float32"), ({"avx512_bf16"}, "bfloat16")):
+        monkeypatch.setattr(models, "_cpu_flags", lambda flags=flags: flags)
+        cfg, _ = resolve(["method=ovd", "model.device=cpu", "teacher.device=cpu"])
+        assert cfg.teacher.dtype == want  # the embedded teacher's default, as config.yaml will record it
+        assert cfg.model.dtype == "float32"  # the learner's default is not "fast"
+        assert cfg.rollout.dtype == want  # the sampler's is
+        cfg, _ = resolve(["method=grpo", "model=tiny"])
+        assert cfg.rollout.dtype == ""  # the tiny test model samples with the trained module
+        cfg, _ = resolve(["method=grpo", "model=small", "rollout.engine=vllm"])
+        assert cfg.rollout.dtype == ""  # vLLM's engine runs in model.dtype unless told
