@@ -3,6 +3,7 @@
     python -m benchmarks.learning                                # every method, resumable
     python -m benchmarks.learning methods=grpo,ovd steps=12      # a subset
     python -m benchmarks.learning report_only=true               # table, JSON and PNG of what is done
+    python -m benchmarks.learning env=math methods=grpo,opsd,ovd out=results/learning_math   # Math-v0 (GSM8K)
 
 Same student (the embedded Qwen2.5-Coder-0.5B + LoRA), same embedded teacher, same training
 questions (the HotpotQA train sample), same seed, same step budget (``steps`` x
@@ -20,6 +21,11 @@ and train reward against step, every method) and ``OUT/README.md`` (the table), 
 table. ``dtype`` (default float32) is pinned for the student's sampler (``rollout.dtype``), the
 embedded teacher (``teacher.dtype``, where the method has one) and the evaluations, so a change of
 ``distill.run``'s defaults cannot change a benchmark that is resumed over several days.
+
+``env=math`` runs the same protocol on Math-v0: the runs train on GSM8K train (``env=math``'s
+training id) and the held-out set is the first ``heldout`` problems of GSM8K test (accuracy by
+math-verify, reported in the EM and F1 columns, which are equal there). ``midpoint=false`` skips
+the midpoint evaluation where the budget is short.
 """
 from __future__ import annotations
 
@@ -47,6 +53,7 @@ METHODS: dict[str, list[str]] = {
     "eopd": ["method=eopd"],
     "oprd": ["method=oprd"],
 }
+HELDOUT = {"webqa": ("hotpotqa", "HotpotQA dev"), "math": ("gsm8k", "GSM8K test")}  # env -> (benchmarks.eval dataset, label)
 LOCAL_TEACHER = {"ovd", "ovd_masked", "ovd_reward", "opd", "eopd", "oprd"}  # teacher=auto is the embedded teacher
 CURVE_KEYS = ("reward", "em", "f1", "answered", "invalid_action_rate", "teacher_score_mean", "teacher_score_std", "accept_rate",
               "teacher_tokens", "replaced_turns", "loss", "logprob_drift", "seconds", "seconds_rollout", "seconds_teacher",
@@ -65,6 +72,8 @@ class LearningConfig:
     threads: int = 2
     dtype: str = "float32"  # the sampler's, the embedded teacher's and the evaluation's
     out: str = "results/learning"
+    env: str = "webqa"  # webqa (held out: HotpotQA dev) or math (held out: GSM8K test)
+    midpoint: bool = True  # evaluate at steps // 2 as well as before and after
     report_only: bool = False
     extra: str = ""  # more distill.run overrides for every method, space-separated
     eval_extra: str = ""  # more benchmarks.eval overrides (tests: smaller budgets); not for reported runs
@@ -84,16 +93,17 @@ def heldout(cfg: LearningConfig, out: Path, label: str, adapter: str = "") -> di
     """The held-out evaluation (resumable episode by episode); its summary."""
     folder = out / "heldout" / label
     done = folder / "summary.json"
+    dataset = HELDOUT[cfg.env][0]
     if done.exists():
         s = json.loads(done.read_text())
-        if s["summary"].get("hotpotqa", {}).get("episodes") == cfg.heldout:
-            return s["summary"]["hotpotqa"]
-    args = [sys.executable, "-m", "benchmarks.eval", f"model={cfg.model}", "datasets=hotpotqa", f"limit={cfg.heldout}",
+        if s["summary"].get(dataset, {}).get("episodes") == cfg.heldout:
+            return s["summary"][dataset]
+    args = [sys.executable, "-m", "benchmarks.eval", f"model={cfg.model}", f"datasets={dataset}", f"limit={cfg.heldout}",
             f"out={folder}", f"threads={cfg.threads}", f"seed={cfg.seed}", f"dtype={cfg.dtype}", *cfg.eval_extra.split()] + ([f"adapter={adapter}"] if adapter else [])
     folder.mkdir(parents=True, exist_ok=True)
     print(f"  held-out {label}: {cfg.heldout} questions", flush=True)
     run(args, out / "logs" / f"eval_{label}.log")
-    return json.loads(done.read_text())["summary"]["hotpotqa"]
+    return json.loads(done.read_text())["summary"][dataset]
 
 
 def train_to(cfg: LearningConfig, out: Path, name: str, steps: int) -> None:
@@ -101,7 +111,7 @@ def train_to(cfg: LearningConfig, out: Path, name: str, steps: int) -> None:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
     if len(lines) >= steps and (run_dir / "final_adapter").exists() and json.loads(lines[-1])["step"] >= steps:
         return
-    args = [sys.executable, "-m", "distill.run", *METHODS[name], f"model={cfg.model}", f"steps={steps}",
+    args = [sys.executable, "-m", "distill.run", f"env={cfg.env}", *METHODS[name], f"model={cfg.model}", f"steps={steps}",
             f"questions_per_step={cfg.questions_per_step}", f"group_size={cfg.group_size}", f"seed={cfg.seed}",
             f"threads={cfg.threads}", "eval.questions=0", "progress=false", "tensorboard=false", f"output_dir={run_dir}",
             "resume=true", f"rollout.dtype={cfg.dtype}", *([f"teacher.dtype={cfg.dtype}"] if name in LOCAL_TEACHER else []),
@@ -120,31 +130,34 @@ def curve(run_dir: Path) -> list[dict]:
 def report(cfg: LearningConfig, out: Path, names: list[str]) -> dict:
     from common.files import atomic_write_json, atomic_write_text
 
-    before = _summary(out / "heldout" / "before", cfg.heldout)
+    dataset = HELDOUT[cfg.env][0]
+    before = _summary(out / "heldout" / "before", cfg.heldout, dataset)
     res = {"methods": {}, "settings": {k: getattr(cfg, k) for k in LearningConfig.__dataclass_fields__}}
     for name in names:
         c = curve(out / "runs" / name)
         res["methods"][name] = {
             "overrides": METHODS[name], "steps": len(c), "curve": c,
-            "heldout": {"before": before, "mid": _summary(out / "heldout" / f"{name}_mid", cfg.heldout),
-                        "after": _summary(out / "heldout" / f"{name}_after", cfg.heldout)},
+            "heldout": {"before": before, "mid": _summary(out / "heldout" / f"{name}_mid", cfg.heldout, dataset),
+                        "after": _summary(out / "heldout" / f"{name}_after", cfg.heldout, dataset)},
             "seconds_per_step": sum(x["seconds"] for x in c) / len(c) if c else None,
             "peak_anon_mb": max((x.get("peak_anon_mb", 0) for x in c), default=None),
         }
     atomic_write_json(out / "learning.json", res)
     table = markdown(res)
-    atomic_write_text(out / "README.md", "# Learning benchmark\n\n`python -m benchmarks.learning " +
-                      f"methods={cfg.methods} steps={cfg.steps}`\n\n{table}\n\nSee learning.json for per-step curves, learning.png for the plot.\n")
-    _plot(res, out / "learning.png", cfg.steps)
+    cmd = f"methods={cfg.methods} steps={cfg.steps}" + ("" if cfg.env == "webqa" else f" env={cfg.env}")
+    atomic_write_text(out / "README.md", f"# Learning benchmark\n\n`python -m benchmarks.learning {cmd}`\n\nHeld out: the first "
+                      f"{cfg.heldout} questions of {HELDOUT[cfg.env][1]}.\n\n{table}\n\n"
+                      "See learning.json for per-step curves, learning.png for the plot.\n")
+    _plot(res, out / "learning.png", cfg.steps, HELDOUT[cfg.env][1])
     print(table)
     return res
 
 
-def _summary(folder: Path, n: int) -> dict | None:
+def _summary(folder: Path, n: int, dataset: str) -> dict | None:
     p = folder / "summary.json"
     if not p.exists():
         return None
-    s = json.loads(p.read_text())["summary"].get("hotpotqa")
+    s = json.loads(p.read_text())["summary"].get(dataset)
     return {"em": s["em"], "f1": s["f1"], "n": s["episodes"], "answered": s["answered"], "complete": s["episodes"] == n} if s else None
 
 
@@ -162,7 +175,7 @@ def markdown(res: dict) -> str:
     return "\n".join([head, *rows])
 
 
-def _plot(res: dict, path: Path, steps: int) -> None:
+def _plot(res: dict, path: Path, steps: int, heldout_label: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,7 +189,7 @@ def _plot(res: dict, path: Path, steps: int) -> None:
             a.plot(*zip(*pts), marker="o", label=name)
         if m["curve"]:
             b.plot([x["step"] for x in m["curve"]], [x["reward"] for x in m["curve"]], marker=".", label=name)
-    a.set(title="held-out EM (HotpotQA dev)", xlabel="step")
+    a.set(title=f"held-out EM ({heldout_label})", xlabel="step")
     b.set(title="train reward", xlabel="step")
     for ax in (a, b):
         ax.grid(alpha=0.3)
@@ -193,13 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise SystemExit(f"error: unknown method(s) {unknown}; known: {sorted(METHODS)}")
+    if cfg.env not in HELDOUT:
+        raise SystemExit(f"error: unknown env {cfg.env!r}; known: {sorted(HELDOUT)}")
     out = Path(cfg.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     if not cfg.report_only:
         t0 = time.perf_counter()
         heldout(cfg, out, "before")
         for name in names:
-            for phase, steps in (("mid", cfg.steps // 2), ("after", cfg.steps)):
+            for phase, steps in ((("mid", cfg.steps // 2),) if cfg.midpoint else ()) + (("after", cfg.steps),):
                 train_to(cfg, out, name, steps)
                 heldout(cfg, out, f"{name}_{phase}", str(out / "runs" / name / "final_adapter"))
             print(f"{name}: done ({time.perf_counter() - t0:.0f} s so far)", flush=True)
