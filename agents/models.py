@@ -128,7 +128,9 @@ def _cpu_flags() -> set[str]:
 
 
 def resolve_dtype(dtype: str, device: "str | None" = None) -> str:
-    """``"fast"`` -> ``"bfloat16"`` where :func:`native_bf16`, else ``"float32"``; other names unchanged."""
+    """The dtype's one name: ``"fast"`` -> ``"bfloat16"`` where :func:`native_bf16`, else
+    ``"float32"``; the aliases ``fp32`` and ``bf16`` -> ``float32`` and ``bfloat16``; other names unchanged."""
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)
     if dtype == "fast":
         return "bfloat16" if native_bf16(device) else "float32"
     return dtype
@@ -140,7 +142,7 @@ def _torch_dtype(dtype: "Dtype | torch.dtype") -> Any:
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     dtype = resolve_dtype(dtype)
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     try:
         return table[dtype]
     except KeyError:

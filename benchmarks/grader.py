@@ -57,6 +57,7 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from agents.models import resolve_dtype
 from benchmarks.eval import code_version, parse_config
 from common.files import atomic_write_bytes, atomic_write_json
 from distill.verbal import PROMPTS, SYSTEM, GraderConfig, grade, render
@@ -219,7 +220,7 @@ def record_key(r: dict) -> str:
 def cache_path(out: Path, teacher: str, gc: GraderConfig, dtype: str = "float32") -> Path:
     """The score cache of one (teacher, grader config, dtype of a local teacher); float32 adds
     nothing to the hash, so the caches written before the dtype counted keep their names."""
-    local_dtype = "" if teacher.startswith(("http://", "https://")) else {"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)
+    local_dtype = "" if teacher.startswith(("http://", "https://")) else resolve_dtype(dtype)
     key = [teacher, asdict(gc), SYSTEM, PROMPTS[gc.prompt]] + ([local_dtype] if local_dtype not in ("", "float32") else [])
     tag = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:8]
     slug = re.sub(r"[^A-Za-z0-9.]+", "_", teacher).strip("_")

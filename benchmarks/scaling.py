@@ -96,7 +96,7 @@ def _free_port() -> int:
 def summarize(lines: list[dict]) -> dict:
     later = lines[1:] or lines  # the first step holds one-off costs
     mean = lambda k: sum(x.get(k, 0.0) for x in later) / len(later)  # noqa: E731
-    tokens = sum(x["agent_tokens"] for x in later)
+    tokens = sum(x.get("sampled_tokens", x["agent_tokens"]) for x in later)  # what the rollout phase generated
     roll = sum(x["seconds_rollout"] for x in later)
     return {"steps": len(lines), "steps_averaged": len(later), "s_per_step": mean("seconds"),
             "rollout_s_per_step": mean("seconds_rollout"), "update_s_per_step": mean("seconds_update"),

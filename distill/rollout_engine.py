@@ -46,12 +46,10 @@ import os
 import shutil
 from pathlib import Path
 
+from agents.models import resolve_dtype
+
 ADAPTER_DIR = "rollout_adapter"
 _VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
-
-
-def canonical_dtype(name: str) -> str:
-    return {"fp32": "float32", "bf16": "bfloat16"}.get(name, name)
 
 
 def make_policy(rc, model, tok, model_cfg, seed: int):
@@ -59,8 +57,8 @@ def make_policy(rc, model, tok, model_cfg, seed: int):
     if rc.engine == "transformers":
         from agents.hf_policy import TransformersPolicy
 
-        if rc.dtype and canonical_dtype(rc.dtype) != canonical_dtype(model_cfg.dtype):
-            return CastRollout(model, tok, canonical_dtype(rc.dtype))
+        if rc.dtype and resolve_dtype(rc.dtype) != resolve_dtype(model_cfg.dtype):
+            return CastRollout(model, tok, resolve_dtype(rc.dtype))
         return TransformersPolicy(model, tok)
     if rc.url:
         return VLLMServerRollout(rc, tok)
@@ -84,8 +82,9 @@ def save_adapter(model, run_dir: Path, step: int, keep: int, rank: int = 0) -> P
 
 
 class _Following:
-    """What both vLLM rollouts share: every Policy call goes to ``self.policy``; ``pad_id`` as
-    TransformersPolicy picks it; ``adapter_step`` is the trainer step whose adapter samples."""
+    """What the rollouts that follow the learner share: every Policy call goes to ``self.policy``;
+    ``pad_id`` as TransformersPolicy picks it; ``adapter_step`` is the trainer step whose adapter
+    samples; ``sleep`` and ``wake_up`` around the update do nothing unless the engine frees memory."""
 
     def _follow(self, policy, tok) -> None:
         self.policy = policy
@@ -103,6 +102,12 @@ class _Following:
 
     def close(self) -> None:
         self.policy.close()
+
+    def sleep(self) -> None:
+        pass
+
+    def wake_up(self) -> None:
+        pass
 
 
 class CastRollout(_Following):
@@ -133,12 +138,6 @@ class CastRollout(_Following):
                 mine[n].copy_(theirs[n])  # copy_ casts, and bumps the version the policy's KV cache is keyed on
         self.adapter_step = step
 
-    def sleep(self) -> None:
-        pass
-
-    def wake_up(self) -> None:
-        pass
-
     def close(self) -> None:
         pass
 
@@ -159,7 +158,7 @@ class VLLMRollout(_Following):
         if self.sleeps:
             kw["enable_sleep_mode"] = True
         rank = next((r for r in _VLLM_LORA_RANKS if r >= model_cfg.lora_r), model_cfg.lora_r)
-        dtype = canonical_dtype(rc.dtype or model_cfg.dtype)
+        dtype = resolve_dtype(rc.dtype or model_cfg.dtype)
         self._follow(VLLMPolicy(model_cfg.name, tokenizer=tok, dtype=dtype, gpu_memory_utilization=rc.gpu_memory_utilization,
                                 enable_lora=True, max_lora_rank=rank, seed=seed, **kw), tok)
 
@@ -210,9 +209,3 @@ class VLLMServerRollout(_Following):
             self._lora("unload", {"lora_name": old})
         self.adapter_step = step
         return final
-
-    def sleep(self) -> None:
-        pass
-
-    def wake_up(self) -> None:
-        pass

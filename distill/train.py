@@ -290,6 +290,7 @@ def train_step(run: Run, step: int, bar) -> tuple[dict, Signal]:
         pol, run.make_env, opts, g, sampling, cfg.env.max_tokens_per_turn or cfg.max_tokens_per_turn, cfg.max_total_tokens,
         seed=step_seed, with_privileged=True)
     trajs = roll(run.policy, [{"question_id": q} for q in qids], cfg.group_size)
+    sampled = sum(t.num_agent_tokens for t in trajs)  # the student's own, before a method replaces any (ovd)
     _crash_point("rollout", step + 1)
     t_roll = time.perf_counter()
 
@@ -311,7 +312,7 @@ def train_step(run: Run, step: int, bar) -> tuple[dict, Signal]:
         run.policy.sync(run.model, run.run_dir, step + 1, cfg.keep_checkpoints, run.rank)
     t_end = time.perf_counter()
 
-    parts = dist.gather((trajs, sig.metrics, len(samples), upd))  # every rank's, in rank order
+    parts = dist.gather((trajs, sig.metrics, len(samples), upd, sampled))  # every rank's, in rank order
     if run.rank != 0:
         return {"step": step + 1}, sig
     trajs = [t for p in parts for t in p[0]]
@@ -321,6 +322,7 @@ def train_step(run: Run, step: int, bar) -> tuple[dict, Signal]:
     line = runlog.metrics_line(step + 1, trajs, merged, tot("loss"), agg, tot("rows"), tot("entropy_sum"), upd["grad_norm"],
                                run.scheduler.get_last_lr()[0], sum(p[2] for p in parts), (t_start, t_roll, t_teacher, t_end),
                                run.teacher, run.anon)
+    line["sampled_tokens"] = sum(p[4] for p in parts)  # what seconds_rollout generated (agent_tokens: after replacement)
     line["logprob_drift"] = tot("drift_sum") / max(tot("drift_n"), 1)  # mean |learner - sampler| log-prob, student tokens
     if sampled_with is not None:
         line["rollout_adapter_step"] = sampled_with  # rollout.engine=vllm: the step whose adapter sampled this one

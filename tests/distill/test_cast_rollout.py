@@ -69,4 +69,5 @@ def test_bf16_sampler_run_logs_its_drift(tmp_path):
     assert all(x["logprob_drift"] < 1e-5 for x in same)  # the trained module samples: no drift
     assert all(1e-4 < x["logprob_drift"] < 0.5 for x in cast)  # bfloat16 rounding, small
     assert any(x["grad_norm"] > 0 for x in cast)
+    assert all(x["sampled_tokens"] == x["agent_tokens"] > 0 for x in cast + same)  # grpo replaces nothing
 
