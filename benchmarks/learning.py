@@ -18,9 +18,13 @@ checkpoint, evaluation episode by episode; a finished phase is skipped.
 Writes ``OUT/learning.json`` (``{"methods": {name: {"steps", "heldout": {"before", "mid",
 "after"}, "curve": [per-step metrics]}}, "settings": {...}}``), ``OUT/learning.png`` (held-out EM
 and train reward against step, every method) and ``OUT/README.md`` (the table), and prints the
-table. ``dtype`` (default float32) is pinned for the student's sampler (``rollout.dtype``), the
-embedded teacher (``teacher.dtype``, where the method has one) and the evaluations, so a change of
-``distill.run``'s defaults cannot change a benchmark that is resumed over several days.
+table. ``dtype`` is pinned for the student's sampler (``rollout.dtype``), the embedded teacher
+(``teacher.dtype``, where the method has one) and the evaluations, so a change of ``distill.run``'s
+defaults cannot change a benchmark that is resumed over several days. Its default is bfloat16 (the
+learner stays float32): on a CPU with AVX512-BF16 a grpo step of 4 episodes took 0.41x the float32 time (59 vs 144 s), with a mean
+log-prob drift of 0.017 against the learner (``results/scaling_bf16``), and the grader's AUROC is
+unchanged (``results/grader_dtype``). Where the CPU has no native bfloat16, ``dtype=float32``. The
+float32 series begun before that measurement is kept in ``results/learning_float32``.
 
 ``env=math`` runs the same protocol on Math-v0: the runs train on GSM8K train (``env=math``'s
 training id) and the held-out set is the first ``heldout`` problems of GSM8K test (accuracy by
@@ -70,7 +74,7 @@ class LearningConfig:
     model: str = "student"
     seed: int = 0
     threads: int = 2
-    dtype: str = "float32"  # the sampler's, the embedded teacher's and the evaluation's
+    dtype: str = "bfloat16"  # the sampler's, the embedded teacher's and the evaluation's (the learner is float32)
     out: str = "results/learning"
     env: str = "webqa"  # webqa (held out: HotpotQA dev) or math (held out: GSM8K test)
     midpoint: bool = True  # evaluate at steps // 2 as well as before and after

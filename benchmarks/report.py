@@ -68,15 +68,20 @@ def grader(results: Path, img: Path) -> list[str]:
 
 
 def learning(results: Path, img: Path) -> list[str]:
-    d = _load(results / "learning" / "learning.json")
+    """One section per learning series (``results/learning*/learning.json``: the canonical series,
+    a series in another dtype, the Math-v0 one), each with its settings and plot."""
     out = ["## Learning (`python -m benchmarks.learning`)", ""]
-    if not d:
+    found = [(p.parent, d) for p in sorted(results.glob("learning*/learning.json")) if (d := _load(p))]
+    if not found:
         return out + ["No `results/learning/learning.json` yet.", ""]
     from benchmarks.learning import markdown
 
-    out += [markdown(d), "", f"Settings: `{json.dumps(d['settings'])}`", ""]
-    if (results / "learning" / "learning.png").exists():
-        out += ["![learning curves](../results/learning/learning.png)", ""]
+    for folder, d in found:
+        st = d["settings"]
+        out += [f"### `{folder.relative_to(results.parent)}` ({st.get('env', 'webqa')}, dtype {st.get('dtype', 'float32')})", "",
+                markdown(d), "", f"Settings: `{json.dumps(st)}`", ""]
+        if (folder / "learning.png").exists():
+            out += [f"![learning curves](../{folder.relative_to(results.parent)}/learning.png)", ""]
     return out
 
 

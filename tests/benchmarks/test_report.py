@@ -24,6 +24,13 @@ def test_report_writes_every_section_from_the_results(tmp_path):
     assert "| 0.080 | 0.123 |" in page  # the student's HotpotQA EM / F1 from its summary.json
     assert "| default | teacher | answer_first | True | expected | 10 | 0.800 |" in page
     assert "No `results/learning/learning.json` yet." in page
+    shutil.copytree(ROOT / "results" / "learning_float32", results / "learning_float32",
+                    ignore=shutil.ignore_patterns("runs", "heldout", "logs"))
+    assert main([], results, docs) == 0
+    page = (docs / "results.md").read_text()
+    assert "### `results/learning_float32` (webqa, dtype float32)" in page
+    assert "| opd | 12 | 0.080 | 0.140 | 0.160 | 0.123 | 0.220 | 0.231 | 100 |" in page  # the finished method's row
+    assert "![learning curves](../results/learning_float32/learning.png)" in page
     for backend in ("bm25", "dense", "hybrid"):  # one recall row each, with the file's numbers
         rec = retrieval["backends"][backend]["title_recall"]
         assert f"| {retrieval['corpus']} | {backend} | {rec['recall@1']:.3f} | {rec['recall@3']:.3f} | {rec['recall@10']:.3f} |" in page
