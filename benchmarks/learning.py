@@ -143,6 +143,7 @@ def report(cfg: LearningConfig, out: Path, names: list[str]) -> dict:
             "overrides": METHODS[name], "steps": len(c), "curve": c,
             "heldout": {"before": before, "mid": _summary(out / "heldout" / f"{name}_mid", cfg.heldout, dataset),
                         "after": _summary(out / "heldout" / f"{name}_after", cfg.heldout, dataset)},
+            "paired_after": paired(out / "heldout" / "before", out / "heldout" / f"{name}_after", dataset),
             "seconds_per_step": sum(x["seconds"] for x in c) / len(c) if c else None,
             "peak_anon_mb": max((x.get("peak_anon_mb", 0) for x in c), default=None),
         }
@@ -165,6 +166,39 @@ def _summary(folder: Path, n: int, dataset: str) -> dict | None:
     return {"em": s["em"], "f1": s["f1"], "n": s["episodes"], "answered": s["answered"], "complete": s["episodes"] == n} if s else None
 
 
+def _episodes(folder: Path, dataset: str) -> dict[str, dict]:
+    from benchmarks.eval import read_done
+
+    return {k: r for k, r in read_done(folder / f"{dataset}.jsonl").items() if "#" not in k}  # sample 0 of each question
+
+
+def mcnemar_exact(up: int, down: int) -> float:
+    """Two-sided exact McNemar test on the discordant pairs: P(a split at least this uneven of
+    ``up + down`` fair coin flips)."""
+    from math import comb
+
+    n = up + down
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(comb(n, i) for i in range(min(up, down) + 1)) / 2 ** n)
+
+
+def paired(before: Path, after: Path, dataset: str) -> dict | None:
+    """The same held-out questions before and after, question by question: how many went from
+    EM 0 to 1 (``up``) and from 1 to 0 (``down``), the exact McNemar p of that split, and the mean
+    per-question F1 change with its standard error. None until both evaluations are complete."""
+    a, b = _episodes(before, dataset), _episodes(after, dataset)
+    if not a or a.keys() != b.keys():
+        return None
+    up = sum(a[q]["em"] < b[q]["em"] for q in a)
+    down = sum(a[q]["em"] > b[q]["em"] for q in a)
+    d = [b[q]["f1"] - a[q]["f1"] for q in a]
+    mean = sum(d) / len(d)
+    se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else 0.0
+    return {"n": len(d), "em_up": up, "em_down": down, "mcnemar_p": mcnemar_exact(up, down), "f1_gain": mean, "f1_gain_se": se,
+            "f1_up": sum(x > 0 for x in d), "f1_down": sum(x < 0 for x in d)}
+
+
 def markdown(res: dict) -> str:
     head = "| method | steps | EM before | EM mid | EM after | F1 before | F1 mid | F1 after | n | s/step | peak anon MB |\n|---|---|---|---|---|---|---|---|---|---|---|"
     f = lambda s, k: f"{s[k]:.3f}" if s else "-"  # noqa: E731
@@ -176,7 +210,14 @@ def markdown(res: dict) -> str:
                     f"{f(h['before'], 'f1')} | {f(h['mid'], 'f1')} | {f(h['after'], 'f1')} | {n} | "
                     f"{m['seconds_per_step']:.0f} | {m['peak_anon_mb']:.0f} |" if m["steps"] else
                     f"| {name} | 0 | {f(h['before'], 'em')} | - | - | {f(h['before'], 'f1')} | - | - | {n} | - | - |")
-    return "\n".join([head, *rows])
+    pairs = [(name, m["paired_after"]) for name, m in res["methods"].items() if m.get("paired_after")]
+    if not pairs:
+        return "\n".join([head, *rows])
+    head2 = ("| method | questions | EM 0 -> 1 | EM 1 -> 0 | exact McNemar p | F1 gain (mean +- s.e.) | F1 up / down |\n"
+             "|---|---|---|---|---|---|---|")
+    rows2 = [f"| {name} | {d['n']} | {d['em_up']} | {d['em_down']} | {d['mcnemar_p']:.3f} | {d['f1_gain']:+.3f} +- {d['f1_gain_se']:.3f} | "
+             f"{d['f1_up']} / {d['f1_down']} |" for name, d in pairs]
+    return "\n".join([head, *rows, "", "After against before, question by question:", "", head2, *rows2])
 
 
 def _plot(res: dict, path: Path, steps: int, heldout_label: str) -> None:

@@ -49,3 +49,20 @@ def test_learning_benchmark_on_math_holds_out_gsm8k_test(tmp_path):
 def test_learning_benchmark_names_an_unknown_env(tmp_path):
     with pytest.raises(SystemExit, match="unknown env 'maths'"):
         main(["env=maths", f"out={tmp_path}"])
+
+
+def test_paired_counts_flips_and_the_exact_mcnemar_p(tmp_path):
+    from benchmarks.learning import mcnemar_exact, paired
+
+    assert mcnemar_exact(9, 1) == pytest.approx(2 * (1 + 10) / 2 ** 10)  # P(<= 1 of 10 fair flips), both tails
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 20) < 1e-5
+    rows = {"before": [(1, 1.0), (0, 0.0), (0, 0.5), (0, 0.0)], "after": [(0, 0.5), (1, 1.0), (1, 1.0), (0, 0.0)]}
+    for label, recs in rows.items():
+        (tmp_path / label).mkdir()
+        lines = [json.dumps({"question_id": f"q{i}", "sample": 0, "em": em, "f1": f1}) for i, (em, f1) in enumerate(recs)]
+        (tmp_path / label / "hotpotqa.jsonl").write_text("\n".join(lines) + "\n")
+    d = paired(tmp_path / "before", tmp_path / "after", "hotpotqa")
+    assert (d["n"], d["em_up"], d["em_down"], d["f1_up"], d["f1_down"]) == (4, 2, 1, 2, 1)
+    assert d["f1_gain"] == pytest.approx((-0.5 + 1.0 + 0.5 + 0.0) / 4)
+    (tmp_path / "after" / "hotpotqa.jsonl").write_text("\n".join(lines[:2]) + "\n")  # an unfinished evaluation: no pairing
+    assert paired(tmp_path / "before", tmp_path / "after", "hotpotqa") is None
