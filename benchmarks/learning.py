@@ -60,8 +60,8 @@ METHODS: dict[str, list[str]] = {
 HELDOUT = {"webqa": ("hotpotqa", "HotpotQA dev"), "math": ("gsm8k", "GSM8K test")}  # env -> (benchmarks.eval dataset, label)
 LOCAL_TEACHER = {"ovd", "ovd_masked", "ovd_reward", "opd", "eopd", "oprd"}  # teacher=auto is the embedded teacher
 CURVE_KEYS = ("reward", "em", "f1", "answered", "invalid_action_rate", "teacher_score_mean", "teacher_score_std", "accept_rate",
-              "teacher_tokens", "replaced_turns", "loss", "logprob_drift", "seconds", "seconds_rollout", "seconds_teacher",
-              "seconds_update", "peak_anon_mb")
+              "teacher_tokens", "replaced_turns", "loss", "logprob_drift", "sampled_tokens", "seconds", "seconds_rollout",
+              "seconds_teacher", "seconds_scoring", "seconds_continuation", "seconds_update", "peak_anon_mb")
 
 
 @dataclass

@@ -32,6 +32,7 @@ advantages.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 
 from agents.policy import Completion
@@ -235,6 +236,7 @@ def _prepare_replace(trajectories, teacher, cfg: OVDConfig, ctx) -> Signal:
     from distill.teachers.act import teacher_actor
 
     grader = grader_config(cfg)
+    t0 = time.perf_counter()
     if use_steps(trajectories, cfg):
         scores, kept, dropped, m, steps = score_step_prefixes(trajectories, teacher, grader, cfg.threshold, cfg.max_steps, ctx.seed)
         cut_at = {i: 0 for i, c in enumerate(kept) if c is not None and i not in dropped}  # the one turn, partly kept
@@ -245,8 +247,10 @@ def _prepare_replace(trajectories, teacher, cfg: OVDConfig, ctx) -> Signal:
     else:
         scores, cuts, dropped, m = score_prefixes(trajectories, teacher, grader, cfg.threshold, ctx.seed)
         cut_at, partial = {i: c for i, c in enumerate(cuts) if c is not None and i not in dropped}, {}
+    t1 = time.perf_counter()
     actor = teacher_actor(teacher, ctx.policy, ctx.policy.tokenizer)
     mixed = continue_with_teacher(trajectories, cut_at, actor, ctx.policy, ctx.rollout, cfg.teacher_temperature, partial)
+    m["seconds_scoring"], m["seconds_continuation"] = t1 - t0, time.perf_counter() - t1  # the teacher phase, split
     out = [mixed.get(i, t) for i, t in enumerate(trajectories)]
     rewards: list[float | None] = []
     masks, teacher_tokens, replaced, teacher_turns = [], 0, 0, 0

@@ -252,5 +252,6 @@ def test_train_ovd_with_an_http_teacher(tmp_path, chat_url):
     assert line["teacher_score_mean"] == pytest.approx(6.5) and "logprob_drift" in line
     # every student turn was replaced: what trains is the teacher's; what the rollout generated is counted apart
     assert line["agent_tokens"] == line["teacher_tokens"] and line["sampled_tokens"] >= 4
+    assert line["seconds_scoring"] > 0 and line["seconds_continuation"] > 0  # the teacher phase, split
     recs = [json.loads(x) for x in (tmp_path / "run" / "trajectories" / "step_000001.jsonl").read_text().splitlines()]
     assert all(set(r["sources"]) == {SOURCE_TEACHER} for r in recs)
