@@ -192,7 +192,8 @@ def test_small_model_converts_and_answers() -> None:
 def test_fast_dtype_is_bfloat16_only_where_the_cpu_has_it(monkeypatch, flags, want) -> None:
     monkeypatch.setattr(models, "_cpu_flags", lambda: flags)
     assert models.resolve_dtype("fast", "cpu") == want
-    assert models.resolve_dtype("float32", "cpu") == "float32" and models.resolve_dtype("bf16", "cpu") == "bf16"
+    assert models.resolve_dtype("float32", "cpu") == "float32" and models.resolve_dtype("bf16", "cpu") == "bfloat16"  # one name per dtype
+    assert models.resolve_dtype("fp32") == "float32"
     import torch
 
     if not torch.cuda.is_available():  # without a GPU, load_model's "fast" is the CPU's
