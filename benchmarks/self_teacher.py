@@ -36,16 +36,12 @@ class SelfTeacherConfig:
 def measure(model, policy, env, recs: list[dict], beta: float, max_tokens: int, privileged_chars: int = 2000) -> dict:
     import torch
 
-    from distill.losses import generalized_jsd
+    from distill.losses import entropy, generalized_jsd
     from distill.methods.opsd import privileged_text
 
     def logits(seq: list[int], start: int):
         with torch.no_grad():
             return model(torch.tensor([seq])).logits[0, start - 1:-1].float()
-
-    def entropy(lg):
-        lp = lg.log_softmax(-1)
-        return -(lp.exp() * lp).sum(-1)
 
     rows = []
     for r in recs:
