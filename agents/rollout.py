@@ -179,6 +179,8 @@ class _Episodes:
         qid = str(info.get("question_id", opts.get("question_id", j // self.group_size)))
         tr = self.trajs[j] = Trajectory(qid, str(info.get("question", "")), j % self.group_size, list(ids))
         tr.info["prompt_text"] = prompt
+        if tools is not None:
+            tr.info["tools"] = tools  # the tool schemas in the prompt (a teacher re-prompting needs them too)
         tr.info["max_turns"] = info.get("max_turns", getattr(base, "max_turns", None))  # the env's turn limit
         tr.info["turn_spans"] = []  # [start, end) of each turn's generated ids in completion_ids
         # actions/observations: the episode's history so far (live lists; a chat teacher renders it)

@@ -40,8 +40,9 @@ def turn_advantages(
     each turn's tokens): ``(x_t - mean(r)) / (std(r) + eps)`` with the mean and population std of
     the group's trajectory rewards ``r`` (the baseline GRPO would use for the whole trajectory).
 
-    Choice: when ``std(r)`` is 0 (tied rewards, or one sample) the scaled advantage is 0: the
-    turn deviations would otherwise be divided by ``eps`` (turn scores [3, 9] and [9, 3], both
+    Choice: when ``std(r)`` is 0 (tied rewards, or one sample), or below 1e-9 of the largest
+    ``|r|`` (rewards equal up to float rounding), the scaled advantage is 0: the turn deviations
+    would otherwise be divided by ``eps`` (turn scores [3, 9] and [9, 3], both
     averaging 6, gave about +-1.7e5 after ovd's reward mix). ``scale=False`` centres only
     (``x_t - mean(r)``), except that a group of one, having no baseline, gets 0 too.
     """
@@ -51,10 +52,14 @@ def turn_advantages(
         return []
     r = torch.tensor([list(rewards_G)], dtype=torch.float64)
     tied = bool(tied_groups(r))
-    if len(rewards_G) == 1 or (scale and tied):
+    std = float(r.std(unbiased=False))
+    # a near-tie counts as a tie: the same turn scores in another order average to rewards an ulp
+    # apart, whose std (~1e-17) would divide the turn deviations as eps does
+    near_tied = std <= 1e-9 * max(1.0, float(r.abs().max()))
+    if len(rewards_G) == 1 or (scale and (tied or near_tied)):
         return [[0.0] * len(xs) for xs in token_rewards_G_T]
     mean = float(r[0, 0]) if tied else float(r.mean())  # the exact common value, no rounding
-    den = float(r.std(unbiased=False)) + eps if scale else 1.0
+    den = std + eps if scale else 1.0
     return [[(float(x) - mean) / den for x in xs] for xs in token_rewards_G_T]
 
 

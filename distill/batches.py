@@ -59,7 +59,8 @@ def build_samples(trajs: list[Trajectory], sig: Signal) -> list[Sample]:
 
 def micro_batch(model, samples: list[Sample], pad_id: int, denominator: float, layers, **kw) -> MicroBatch:
     out = forward_at(model, [s.seq for s in samples], [s.targets for s in samples], pad_id, layers=layers)
-    cat = lambda xs: torch.tensor([x for s in xs for x in s], dtype=torch.float32)  # noqa: E731
+    device = out.logits_N_V.device if out.logits_N_V is not None else None  # the learner's (a GPU's)
+    cat = lambda xs: torch.tensor([x for s in xs for x in s], dtype=torch.float32, device=device)  # noqa: E731
     return MicroBatch(
         seqs=[s.seq for s in samples], targets=[s.targets for s in samples], logits_N_V=out.logits_N_V,
         logprobs_N=token_logprobs(out.logits_N_V, out.target_ids_N), hidden_L_N_D=out.hidden_L_N_D,

@@ -65,6 +65,16 @@ def all_sum(x: float) -> float:
     return float(t[0])
 
 
+def broadcast(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (pickled through the process group); ``obj`` itself
+    outside torchrun."""
+    if not active():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def all_reduce_grads(params: Sequence[torch.Tensor]) -> None:
     """Sum the ranks' gradients in place (a rank with no sample contributes zeros)."""
     if not active():

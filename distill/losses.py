@@ -49,17 +49,31 @@ def policy_gradient_loss(
     mask_B_T: torch.Tensor,
     clip_eps: float = 0.2,
     denominator: float | None = None,
+    dual_clip: float = 3.0,
 ) -> torch.Tensor:
-    """PPO-clip: ``-mean_t min(ratio A, clip(ratio, 1-eps, 1+eps) A)`` over agent tokens.
+    """PPO-clip: ``-mean_t min(ratio A, clip(ratio, 1-eps, 1+eps) A)`` over agent tokens, with
+    the dual clip of Ye et al. 2020 (arXiv:1912.09729, Eq. 5) for negative advantages:
+    ``max(min(ratio A, clip(ratio) A), c A)`` where ``A < 0``.
+
+    PPO's clip bounds the ratio from above only where ``A > 0``; where ``A < 0`` the unclipped
+    ``ratio A`` is the minimum, so a token the sampler found much less likely than the learner
+    does (a large ratio) would weigh without bound. The dual clip truncates that ratio at ``c``
+    (no gradient beyond it): the truncated importance weight (METHODS.md) where sampler and
+    learner differ. ``dual_clip=0`` turns it off (plain PPO-clip).
 
     With ``old_logprobs = logprobs.detach()`` (one update per batch) the ratio is 1 and the
     gradient is the REINFORCE gradient ``-A grad log pi``.
     """
+    if dual_clip and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or 0 to turn it off), got {dual_clip}")
     ratio = torch.exp(logprobs_B_T - old_logprobs_B_T)
     adv = advantages_B_T.detach()
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
-    return -masked_mean(torch.minimum(unclipped, clipped), mask_B_T, denominator)
+    surrogate = torch.minimum(unclipped, clipped)
+    if dual_clip:
+        surrogate = torch.where(adv < 0, torch.maximum(surrogate, dual_clip * adv), surrogate)
+    return -masked_mean(surrogate, mask_B_T, denominator)
 
 
 def kl_k1(logp_B_T: torch.Tensor, logq_B_T: torch.Tensor) -> torch.Tensor:

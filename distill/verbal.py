@@ -15,8 +15,9 @@ and a read-out:
 * ``digit``: the parsed digit of the teacher's (greedy) reply.
 
 Parsing takes the *last* ``Score: d`` of a reply (a reply that reasons first states its verdict
-last). Unparseable replies are retried with sampling, then counted and returned as ``None``:
-the caller drops that trajectory, it is never scored 0.
+last). Unparseable replies are retried (an HTTP teacher samples again; a local one decodes
+constrained to the digits), then counted and returned as ``None``: the caller drops that
+trajectory, it is never scored 0.
 """
 from __future__ import annotations
 

@@ -42,8 +42,13 @@ class MethodConfig:
     name: str = ""
     env_weight: float = 1.0  # weight of the env reward in the reward / advantage
     clip_eps: float = 0.2  # PPO clip of pi_learner / pi_sampler (see pg_term)
+    dual_clip: float = 3.0  # where A < 0, the ratio truncated at this (Ye et al. 2020); 0 = off
     scale_advantages: bool = True  # divide by the group std (GRPO); False = Dr.GRPO centring
     kl_beta: float = 0.0  # k3 KL to the initial policy (GRPO's reference term); 0 = off
+
+    def __post_init__(self):
+        if self.dual_clip and self.dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1 (or 0: off), got {self.dual_clip}")
 
 
 @dataclass
@@ -108,18 +113,21 @@ def pg_term(mb: MicroBatch, cfg: MethodConfig, token_advantages_N: torch.Tensor 
 
     The ratio is pi_learner / pi_sampler with the sampler's stored log-prob (METHODS.md): 1 while
     the sampler is the learner's own module (up to float noise, logged as ``logprob_drift``),
-    clipped to [1-eps, 1+eps] where they differ (vLLM, bfloat16 rollouts). Tokens the student did
-    not sample (a teacher's, NaN) take the learner's own detached log-prob: ratio 1, REINFORCE."""
+    clipped to [1-eps, 1+eps] where they differ (vLLM, bfloat16 rollouts), and truncated at
+    ``dual_clip`` where the advantage is negative (:func:`distill.losses.policy_gradient_loss`).
+    Tokens the student did not sample (a teacher's, NaN) take the learner's own detached
+    log-prob: ratio 1, REINFORCE."""
     adv = mb.advantages_N if token_advantages_N is None else token_advantages_N
     old = mb.logprobs_N.detach()
     if mb.old_logprobs_N is not None:
         old = torch.where(torch.isfinite(mb.old_logprobs_N), mb.old_logprobs_N, old)
-    loss = policy_gradient_loss(mb.logprobs_N, old, adv, mb.weight_N, cfg.clip_eps, mb.denominator)
+    loss = policy_gradient_loss(mb.logprobs_N, old, adv, mb.weight_N, cfg.clip_eps, mb.denominator, cfg.dual_clip)
     metrics = {"pg_loss": as_mean(loss, mb)}
     if cfg.kl_beta > 0 and mb.reference is not None:
         from distill.losses import kl_k3
 
-        ref = torch.tensor([x for lp in mb.reference.logprobs(mb.seqs, mb.targets) for x in lp], dtype=torch.float32)
+        ref = torch.tensor([x for lp in mb.reference.logprobs(mb.seqs, mb.targets) for x in lp], dtype=torch.float32,
+                           device=mb.logprobs_N.device)
         kl = masked_mean(kl_k3(mb.logprobs_N, ref), mb.weight_N, mb.denominator)
         loss = loss + cfg.kl_beta * kl
         metrics["kl_ref"] = as_mean(kl, mb)

@@ -32,6 +32,11 @@ class EOPDConfig(OPDConfig):
     alpha: float = 1.0
     topk: int = 16
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.form != "k1":  # the opd part of eopd is its k1 form; jsd/topk (and their beta) do not apply
+            raise ValueError(f"eopd uses opd's k1 form only, got form={self.form!r}")
+
 
 def prepare(trajectories, teacher, cfg, ctx) -> Signal:
     return env_signal(trajectories, cfg, ctx)

@@ -31,6 +31,7 @@ class OPDConfig(MethodConfig):
     beta: float = 0.5  # jsd only: 0 forward KL(q||p), 1 reverse KL(p||q) (GKD/TRL)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.form not in ("k1", "topk", "jsd"):
             raise ValueError(f"opd form must be k1, topk or jsd, got {self.form!r}")
 

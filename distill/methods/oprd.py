@@ -11,8 +11,8 @@ Same depth and width (e.g. ``teacher=self``): no projection. Otherwise the bridg
 layer l maps to teacher layer ``round((l-1)/(L_S-1)*(L_T-1))+1``; a frozen PCA projector to
 rank ``rank`` is fitted on the teacher's states and a frozen linear projector (least squares)
 maps the student's states onto those PCA coordinates, both fitted once on the first step's
-rollouts with the initial student and kept in the checkpoint; the loss compares L2-normalised
-projected vectors. Combine with opd through ``opd_coef`` (k1 form, ``L = L_opd + mu L_oprd``)
+rollouts with the initial student (rank 0's rollouts under torchrun) and kept in the checkpoint;
+the loss compares L2-normalised projected vectors. Combine with opd through ``opd_coef`` (k1 form, ``L = L_opd + mu L_oprd``)
 or use it alone (``opd_coef=0``: the env advantage plus ``mu L_oprd``).
 """
 from __future__ import annotations
@@ -63,13 +63,16 @@ def needs(cfg) -> frozenset[str]:
 
 def selection_weights(trajectories, kept: list[bool], k: int) -> list[list[float]]:
     """Per agent token: ``1 / n_selected`` at the last ``k`` agent tokens (all when ``k=0``) of
-    each kept trajectory, else 0; ``n_selected`` counts the selected tokens of the whole step."""
+    each kept trajectory, else 0; ``n_selected`` counts the selected tokens of the whole step,
+    every rank's under torchrun (the ranks' gradients are summed, as the PG term's are)."""
+    from distill import dist
+
     flags = []
     for t, keep in zip(trajectories, kept):
         n = sum(t.loss_mask)
         first = 0 if k <= 0 else max(n - k, 0)
         flags.append([float(keep and j >= first) for j in range(n)])
-    total = max(sum(map(sum, flags)), 1.0)
+    total = max(dist.all_sum(sum(map(sum, flags))), 1.0)
     return [[f / total for f in fs] for fs in flags]
 
 
@@ -84,7 +87,10 @@ def prepare(trajectories, teacher, cfg, ctx) -> Signal:
         sig.extras["teacher_logprobs"] = lq
     sig.extras["oprd_weight"] = selection_weights(trajectories, [a is not None for a in sig.advantages], cfg.positions)
     if "bridge" not in ctx.state:
-        ctx.state["bridge"] = fit_bridge(trajectories, teacher, cfg, ctx)
+        from distill import dist
+
+        # under torchrun every rank takes rank 0's projectors, so all ranks optimise one objective
+        ctx.state["bridge"] = dist.broadcast(fit_bridge(trajectories, teacher, cfg, ctx))
     return sig
 
 

@@ -28,6 +28,7 @@ class OPSDConfig(MethodConfig):
     privileged_chars: int = 2000  # characters of gold passages put in the teacher's prompt
 
     def __post_init__(self):
+        super().__post_init__()
         if self.form not in ("jsd", "k1"):
             raise ValueError(f"opsd form must be jsd or k1, got {self.form!r}")
 
@@ -49,7 +50,8 @@ def teacher_sequences(trajectories, policy, max_chars: int) -> tuple[list[list[i
         priv = t.info.get("privileged")
         if priv is None:
             raise RuntimeError("opsd needs trajectories rolled out with privileged information (with_privileged=True)")
-        pids = policy.prompt_ids(privileged_text(t.info["prompt_text"], priv, max_chars))
+        # the same tool schemas as the student's prompt (protocol=tool_call): only the block differs
+        pids = policy.prompt_ids(privileged_text(t.info["prompt_text"], priv, max_chars), tools=t.info.get("tools"))
         seqs.append(list(pids) + list(t.completion_ids))
         targets.append([len(pids) + i for i, m in enumerate(t.loss_mask) if m])
     return seqs, targets

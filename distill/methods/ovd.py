@@ -57,6 +57,7 @@ class OVDConfig(MethodConfig):
     grader: dict = field(default_factory=dict)  # distill.verbal.GraderConfig fields (prompt, show_gold, readout, ...)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.mode not in ("reward", "replace"):
             raise ValueError(f"ovd mode must be 'reward' or 'replace', got {self.mode!r}")
         if self.granularity not in ("trajectory", "turn"):

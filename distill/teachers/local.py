@@ -3,8 +3,8 @@
 Every token-level call runs ``forward_at`` in batches of ``batch_size`` sequences, so only
 the rows at the requested positions ever get vocabulary-sized logits. ``distribution``
 returns those rows for one micro-batch at a time; callers chunk by calling it per micro-batch.
-Scores are generated greedily after the assistant turn is opened with ``"Score:"`` (retries
-sample at temperature 0.8).
+Scores are generated greedily after the assistant turn is opened with ``"Score:"``; a retry
+decodes constrained to the ten digits (the most likely one), so a local teacher always parses.
 """
 from __future__ import annotations
 

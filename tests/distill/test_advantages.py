@@ -49,6 +49,22 @@ def test_turn_advantages_bounded_when_trajectory_rewards_tie():
     assert turn_advantages([[0.1] * 3, [0.1] * 2, [0.1]], [0.1] * 3, scale=False) == [[0.0] * 3, [0.0] * 2, [0.0]]
 
 
+def test_turn_advantages_bounded_when_trajectory_rewards_tie_up_to_rounding():
+    """Found in review: ovd's turn rewards w*R + (1-w)*S/9 with digit scores (1, 1, 4) and
+    (1, 4, 1) average to rewards an ulp apart; exact-equality tie detection let their ~1e-17 std
+    divide the turn deviations (advantages of about +-1e5)."""
+    from distill.advantages import sample_advantages
+
+    turns = [[0.5 * 0 + 0.5 * s / 9 for s in (1, 1, 4)], [0.5 * 0 + 0.5 * s / 9 for s in (1, 4, 1)]]
+    traj = [sum(t) / 3 for t in turns]
+    assert traj[0] != traj[1] and abs(traj[0] - traj[1]) < 1e-15  # the float case itself
+    got = sample_advantages(traj, [3, 3], 2, True, token_rewards=turns)
+    assert got == [[0.0] * 3, [0.0] * 3]
+    # a real difference still gives the scaled turn advantages
+    real = sample_advantages([0.1, 0.3], [2, 2], 2, True, token_rewards=[[0.0, 0.2], [0.2, 0.4]])
+    assert max(abs(x) for a in real for x in a) == pytest.approx(2.0, rel=1e-4)
+
+
 @pytest.mark.parametrize("scale", [True, False])
 def test_turn_advantages_equal_group_advantages_when_every_token_carries_its_trajectory_reward(scale):
     traj = [0.2, 0.9, 0.4]

@@ -63,6 +63,9 @@ BAD = [
     (["model.tiny_hidden=0"], "model.tiny_hidden"),
     (["model.tiny_layers=0"], "model.tiny_layers"),
     (["method=nosuch"], "method"),
+    (["method=opd", "method.form=bad"], "method.form"),
+    (["method=eopd", "method.form=jsd"], "method.form"),  # eopd's opd part is k1 only
+    (["method.dual_clip=0.5"], "method.dual_clip"),
     (["nosuchkey=1"], "nosuchkey"),
 ]
 

@@ -402,3 +402,27 @@ def test_oprd_mu_scale_does_not_depend_on_unselected_agent_tokens(micro_batch_si
         got = _oprd_loss(n_agent, k=4, mu=0.5, micro_batch_size=micro_batch_size)
         assert got == pytest.approx(0.5, rel=1e-6), (n_agent, got)
     assert _oprd_loss([3, 9], k=0, mu=2.0, micro_batch_size=1) == pytest.approx(2.0, rel=1e-6)  # k=0: all tokens
+
+
+def test_opsd_teacher_prompt_keeps_the_tool_schemas(monkeypatch, one_thread):
+    """Found in review: with ``env.protocol=tool_call`` the student's prompt carries the env's tool
+    schemas, but opsd rebuilt the teacher's prompt without them, so teacher and student differed by
+    more than the privileged block. With that block removed the two prompts must now be equal."""
+    import gymnasium as gym
+
+    from agents.hf_policy import TransformersPolicy
+    from agents.models import tiny_random_model
+    from agents.policy import SamplingParams
+    from agents.rollout import rollout
+    from distill.methods.opsd import teacher_sequences
+
+    model, tok = tiny_random_model("student", seed=0, architecture="qwen2")  # Qwen's template renders tools
+    policy = TransformersPolicy(model, tok)
+    trajs = rollout(policy, lambda: gym.make("WebQA-v0", protocol="tool_call"), [{"index": 0}], 1,
+                    SamplingParams(seed=1), 4, 2000, seed=1, with_privileged=True)
+    t = trajs[0]
+    assert t.info["tools"] and t.prompt_ids != policy.prompt_ids(t.info["prompt_text"])  # the schemas are in it
+    monkeypatch.setattr("distill.methods.opsd.privileged_text", lambda prompt, priv, n: prompt)
+    seqs, targets = teacher_sequences(trajs, policy, 2000)
+    assert seqs[0] == list(t.prompt_ids) + list(t.completion_ids)
+    assert targets[0] == [len(t.prompt_ids) + i for i, m in enumerate(t.loss_mask) if m]

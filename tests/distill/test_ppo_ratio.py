@@ -39,6 +39,26 @@ def test_shifted_sampler_logprob_gives_the_clipped_value():
     assert float(loss) == pytest.approx(math.exp(0.5) * 2.0)
 
 
+def test_a_negative_advantage_ratio_is_truncated_by_the_dual_clip():
+    """Found in review: PPO's clip bounds the ratio only where A > 0. Learner log-prob -0.1 against
+    a sampler's -5 (ratio e^4.9 = 134) with A = -1 gave a loss of 134 and a gradient to match;
+    the dual clip (Ye et al. 2020) truncates it at c = 3, with no gradient beyond."""
+    lp, mb = batch([-0.1], [-5.0], [-1.0])
+    loss, _ = pg_term(mb, MethodConfig())
+    loss.backward()
+    assert float(loss) == pytest.approx(3.0) and lp.grad.tolist() == [0.0]
+    lp, mb = batch([-0.1], [-5.0], [-1.0])
+    loss, _ = pg_term(mb, MethodConfig(dual_clip=0))  # off: plain PPO-clip, unbounded
+    assert float(loss) == pytest.approx(math.exp(4.9))
+    lp, mb = batch([-0.1], [-5.0], [1.0])  # A > 0: PPO's own clip at 1 + eps, as before
+    loss, _ = pg_term(mb, MethodConfig())
+    assert float(loss) == pytest.approx(-1.2)
+    lp, mb = batch([-1.0], [-1.5], [-2.0])  # below c the dual clip changes nothing
+    assert float(pg_term(mb, MethodConfig())[0]) == pytest.approx(math.exp(0.5) * 2.0)
+    with pytest.raises(ValueError, match="dual_clip"):
+        MethodConfig(dual_clip=0.5)
+
+
 def test_unknown_sampler_logprob_is_ratio_one():
     lp, mb = batch([-1.0, -3.0], [float("nan"), -3.0], [1.0, 1.0])
     loss, _ = pg_term(mb, MethodConfig())

@@ -12,9 +12,12 @@ from safetensors.torch import load_file
 from distill.dist import merge_metrics, share
 
 ROOT = Path(__file__).resolve().parents[2]
-# greedy rollouts (the same tokens whatever the batch) and opd's token-level teacher signal (a
-# gradient without any group variance); 4 questions per step, 1 sample each
-ARGS = ["model=tiny", "method=opd", "teacher=teacher", "teacher.name=tiny", "env.id=WebQA-HotpotQA-train-v0",
+# greedy rollouts (the same tokens whatever the batch) and a token-level teacher signal (a gradient
+# without any group variance): oprd with its opd term, so both opd's k1 and oprd's hidden-state
+# term are summed across ranks (oprd's mean over selected positions once counted only this
+# rank's, which weighted it by the number of ranks); 4 questions per step, 1 sample each
+ARGS = ["model=tiny", "method=oprd", "method.opd_coef=1.0", "method.positions=4", "teacher=teacher",
+        "teacher.name=tiny", "env.id=WebQA-HotpotQA-train-v0",
         "steps=2", "questions_per_step=4", "group_size=1", "temperature=0", "max_tokens_per_turn=8",
         "max_total_tokens=200", "micro_batch_size=1", "eval.questions=0", "progress=false", "tensorboard=false",
         "threads=1", "lr=1e-2"]
