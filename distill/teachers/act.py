@@ -140,6 +140,18 @@ class PrefixPolicy(_StudentTokens):
                 out[i] = c if h is None else self._joined(h, c, sampling.max_new_tokens)
         return out
 
+    def turn_scheduler(self, sampling: SamplingParams):
+        """The exact-ids actor's continuous scheduler behind the replayed turns (see
+        :class:`_PrefixScheduler`); None (the rollout runs lockstep over :meth:`generate`) for a
+        chat actor or a policy without one."""
+        from dataclasses import replace
+
+        inner = getattr(self.actor, "inner", None) if isinstance(self.actor, _Marked) else None
+        if inner is None or not hasattr(inner, "turn_scheduler"):
+            return None
+        sched = inner.turn_scheduler(replace(sampling, **self.sampling) if self.sampling else sampling)
+        return None if sched is None else _PrefixScheduler(self, sched)
+
     def _joined(self, head: Completion, c: Completion, budget: int) -> Completion:
         """The student's head of a turn and the actor's continuation as one turn, per-token sources."""
         from agents.rollout import SOURCE_STUDENT, SOURCE_TEACHER
@@ -148,3 +160,49 @@ class PrefixPolicy(_StudentTokens):
         lps = (list(head.logprobs) + list(c.logprobs))[:budget]
         sources = ([SOURCE_STUDENT] * len(head.token_ids) + [SOURCE_TEACHER] * len(c.token_ids))[:budget]
         return Completion(ids, lps, self.student.decode(ids), c.finish_reason, {**c.extra, "source": "teacher", "sources": sources})
+
+
+class _PrefixScheduler:
+    """:class:`PrefixPolicy` on its actor's continuous scheduler (``agents.schedulers``): a
+    replayed student turn comes back at once; the actor's turns decode in one continuous batch,
+    where a row whose turn ends leaves it and rejoins, observation prefilled, while the others
+    keep decoding. Lockstep made every teacher turn last as long as its longest row, so the
+    decode steps of a continuation were the sum of the turns' maxima, not the longest episode."""
+
+    def __init__(self, owner: PrefixPolicy, inner):
+        self.owner, self.inner = owner, inner
+        self.ready: list[tuple[int, Completion]] = []  # replayed turns, returned by the next advance
+        self.heads: dict[int, tuple[Completion, int]] = {}  # key -> (the student's head of this turn, budget)
+
+    def submit(self, key: int, ids, max_new_tokens: int, context: dict | None = None) -> None:
+        ep = context["episode"] if context and "episode" in context else key
+        k = self.owner.turns.get(ep, 0)
+        self.owner.turns[ep] = k + 1
+        forced = self.owner.forced.get(ep, [])
+        if k < len(forced):
+            self.ready.append((key, forced[k]))
+            return
+        head = self.owner.heads.pop(ep, None)
+        if head is None:
+            self.inner.submit(key, ids, max_new_tokens, context)
+            return
+        self.heads[key] = (head, max_new_tokens)
+        room = max(1, max_new_tokens - len(head.token_ids))
+        self.inner.submit(key, list(ids) + list(head.token_ids), room, dict(context or {}, partial_text=head.text))
+
+    def release(self, key: int) -> None:
+        self.inner.release(key)
+        self.heads.pop(key, None)
+
+    def advance(self) -> list[tuple[int, Completion]]:
+        if self.ready:
+            out, self.ready = self.ready, []
+            return out
+        out = []
+        for key, c in self.inner.advance():
+            c.extra["source"] = "teacher"
+            if key in self.heads:
+                head, budget = self.heads.pop(key)
+                c = self.owner._joined(head, c, budget)
+            out.append((key, c))
+        return out

@@ -114,6 +114,40 @@ def test_all_accepted_keeps_the_student_trajectory_and_scores_every_turn():
     assert sig.advantages == sample_advantages([t.reward for t in trajs], [t.num_agent_tokens for t in trajs], 2)
 
 
+def test_an_exact_ids_teacher_continues_on_a_continuous_batch_as_in_lockstep():
+    """A local teacher sharing the student's tokenizer acts through its continuous scheduler
+    (rows whose turn ends leave the decode batch while the others keep decoding) behind the
+    replayed student turns; greedy, it writes what the lockstep schedule writes, token for token,
+    including a turn it continues from the student's first tokens."""
+    from distill.methods.ovd import continue_with_teacher
+    from distill.teachers.act import teacher_actor
+    from distill.teachers.local import LocalTeacher
+
+    policy, tok, _, trajs = student_rollout(max_turns=3, questions=2, group=2)
+    teacher = LocalTeacher(tiny_random_model("small", seed=1)[0], tok, name="other")
+    actor = teacher_actor(teacher, policy, tok)
+    make_env = lambda: gym.make("WebQA-v0", max_turns=3, reward="f1")  # noqa: E731
+
+    def roll_with(schedule):
+        return lambda pol, opts, g=1: rollout(pol, make_env, opts, g, SamplingParams(seed=3), 16, 2048, seed=3,
+                                              with_privileged=True, schedule=schedule)
+
+    cuts = {i: min(i, len(t.actions) - 1) for i, t in enumerate(trajs)}
+    partial = {3: 2}  # trajectory 3 keeps the first 2 tokens of its turn cuts[3]; the teacher finishes it
+    a = continue_with_teacher(trajs, cuts, actor, policy, roll_with("lockstep"), temperature=0.0, partial=partial)
+    b = continue_with_teacher(trajs, cuts, actor, policy, roll_with("continuous"), temperature=0.0, partial=partial)
+    for i, cut in cuts.items():
+        assert b[i].completion_ids == a[i].completion_ids and b[i].sources == a[i].sources
+        assert b[i].loss_mask == a[i].loss_mask and b[i].actions == a[i].actions
+        spans = b[i].info["turn_spans"]
+        for k, (s, e) in enumerate(spans[:cut]):  # the student's kept turns, token for token
+            assert b[i].completion_ids[s:e] == trajs[i].completion_ids[s:e] and set(b[i].sources[s:e]) == {SOURCE_STUDENT}
+        s, e = spans[cut]
+        head = 2 if i in partial else 0
+        assert b[i].completion_ids[s:s + head] == trajs[i].completion_ids[s:s + head]
+        assert b[i].sources[s:e] == [SOURCE_STUDENT] * head + [SOURCE_TEACHER] * (e - s - head)
+
+
 def test_teacher_tokens_train_by_default():
     policy, tok, roll, trajs = student_rollout(questions=1, group=1)
     assert OVDConfig().train_on_teacher_tokens and resolve(["method=ovd"])[1].train_on_teacher_tokens
