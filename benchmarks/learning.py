@@ -51,6 +51,7 @@ METHODS: dict[str, list[str]] = {
     "grpo_f1": ["method=grpo", "env.reward=f1"],  # grpo on ovd's F1 reward: what ovd's teacher adds beyond the reward
     "ovd": ["method=ovd"],  # the published default: mode=replace, F1 reward; the teacher's tokens train
     "ovd_masked": ["method=ovd", "method.train_on_teacher_tokens=false"],  # only the student's own tokens train
+    "ovd_positive": ["method=ovd", "method.teacher_token_advantage=positive"],  # teacher tokens only where A > 0
     "ovd_reward": ["method=ovd", "method.mode=reward"],  # the other reading: S/9 mixed into the reward
     "opd": ["method=opd"],
     "opsd": ["method=opsd"],
@@ -58,7 +59,7 @@ METHODS: dict[str, list[str]] = {
     "oprd": ["method=oprd"],
 }
 HELDOUT = {"webqa": ("hotpotqa", "HotpotQA dev"), "math": ("gsm8k", "GSM8K test")}  # env -> (benchmarks.eval dataset, label)
-LOCAL_TEACHER = {"ovd", "ovd_masked", "ovd_reward", "opd", "eopd", "oprd"}  # teacher=auto is the embedded teacher
+LOCAL_TEACHER = {"ovd", "ovd_masked", "ovd_positive", "ovd_reward", "opd", "eopd", "oprd"}  # teacher=auto is the embedded teacher
 CURVE_KEYS = ("reward", "em", "f1", "answered", "invalid_action_rate", "teacher_score_mean", "teacher_score_std", "accept_rate",
               "teacher_tokens", "replaced_turns", "loss", "logprob_drift", "sampled_tokens", "seconds", "seconds_rollout",
               "seconds_teacher", "seconds_scoring", "seconds_continuation", "seconds_update", "peak_anon_mb")
@@ -66,7 +67,7 @@ CURVE_KEYS = ("reward", "em", "f1", "answered", "invalid_action_rate", "teacher_
 
 @dataclass
 class LearningConfig:
-    methods: str = "ovd,ovd_masked,grpo,grpo_f1,opd,opsd,ovd_reward"
+    methods: str = "ovd,ovd_masked,ovd_positive,grpo,grpo_f1,opd,opsd,ovd_reward"
     steps: int = 12
     questions_per_step: int = 2
     group_size: int = 4
@@ -84,9 +85,11 @@ class LearningConfig:
 
 
 def run(args: list[str], log: Path) -> None:
+    from benchmarks.eval import code_version
+
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log, "a", encoding="utf-8") as fh:
-        fh.write(f"\n$ {' '.join(args)}\n")
+        fh.write(f"\n$ {' '.join(args)}  # code {code_version()}\n")  # report() lists each run's versions
         fh.flush()
         p = subprocess.run(args, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     if p.returncode != 0:
@@ -124,6 +127,18 @@ def train_to(cfg: LearningConfig, out: Path, name: str, steps: int) -> None:
     run(args, out / "logs" / f"train_{name}.log")
 
 
+def code_versions(log: Path) -> list[str]:
+    """The code versions (``git`` commit, ``+dirty`` if changed) a method's training ran with, in
+    the order its log records them (a run resumed across commits lists each)."""
+    import re
+
+    seen: list[str] = []
+    for v in re.findall(r"  # code (\S+)$", log.read_text(encoding="utf-8"), re.M) if log.exists() else []:
+        if v not in seen:
+            seen.append(v)
+    return seen
+
+
 def curve(run_dir: Path) -> list[dict]:
     p = run_dir / "metrics.jsonl"
     if not p.exists():
@@ -140,7 +155,7 @@ def report(cfg: LearningConfig, out: Path, names: list[str]) -> dict:
     for name in names:
         c = curve(out / "runs" / name)
         res["methods"][name] = {
-            "overrides": METHODS[name], "steps": len(c), "curve": c,
+            "overrides": METHODS[name], "steps": len(c), "curve": c, "code": code_versions(out / "logs" / f"train_{name}.log"),
             "heldout": {"before": before, "mid": _summary(out / "heldout" / f"{name}_mid", cfg.heldout, dataset),
                         "after": _summary(out / "heldout" / f"{name}_after", cfg.heldout, dataset)},
             "paired_after": paired(out / "heldout" / "before", out / "heldout" / f"{name}_after", dataset),

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 
 from agents.policy import Completion
-from agents.rollout import SOURCE_STUDENT
+from agents.rollout import SOURCE_STUDENT, SOURCE_TEACHER
 from distill.advantages import sample_advantages
 from distill.methods import Method, MethodConfig, Signal
 from distill.verbal import GraderConfig, gold_of, grade, render_solution_prefix, render_trajectory
@@ -48,6 +48,10 @@ class OVDConfig(MethodConfig):
     mode: str = "replace"  # replace (the paper) | reward (S/9 mixed into the reward)
     threshold: float = 5.0  # replace: a turn prefix is accepted when S >= threshold (Eq. 5)
     train_on_teacher_tokens: bool = True
+    # which teacher tokens train (with train_on_teacher_tokens): signed = every one, weighted by its
+    # trajectory's advantage of either sign; positive = only where that advantage is > 0 (a
+    # demonstration is imitated when it beat its group, never pushed down). docs/ovd.md says why.
+    teacher_token_advantage: str = "signed"
     teacher_temperature: float = 0.7  # replace: sampling temperature of the teacher's continuation
     env_weight: float = 0.5  # reward mode only: weight of the env reward against S/9
     granularity: str = "trajectory"  # reward mode: trajectory | turn
@@ -58,6 +62,8 @@ class OVDConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.teacher_token_advantage not in ("signed", "positive"):
+            raise ValueError(f"ovd teacher_token_advantage must be signed or positive, got {self.teacher_token_advantage!r}")
         if self.mode not in ("reward", "replace"):
             raise ValueError(f"ovd mode must be 'reward' or 'replace', got {self.mode!r}")
         if self.granularity not in ("trajectory", "turn"):
@@ -268,11 +274,29 @@ def _prepare_replace(trajectories, teacher, cfg: OVDConfig, ctx) -> Signal:
     flat = [x for ss in scores for x in ss]
     # Eq. 4: GRPO advantages of the mixed trajectories' outcome rewards
     adv = sample_advantages(rewards, [t.num_agent_tokens for t in out], ctx.group_size, cfg.scale_advantages)
+    if cfg.teacher_token_advantage == "positive":
+        masks = positive_teacher_masks(masks, [[s for s, lm in zip(t.sources, t.loss_mask) if lm] for t in out], adv)
     return Signal(advantages=adv, trajectories=out, train_masks=masks, metrics={
         **m, **_stats(flat), "dropped": sum(r is None for r in rewards),
         "accept_rate": sum(cuts[i] is None for i in scored) / max(len(scored), 1),
         "replaced_trajectories": len(cut_at), "replaced_turns": replaced, "teacher_turns": teacher_turns,
         "teacher_tokens": teacher_tokens})
+
+
+def positive_teacher_masks(masks, sources, advantages):
+    """Train masks with each teacher token (``SOURCE_TEACHER``) kept only where its advantage is
+    > 0. Our choice, not the paper's (``teacher_token_advantage=positive``): with the teacher
+    acting from the first turn (accept rate near 0) ovd trains the student almost only on the
+    teacher's tokens, which it did not sample; a negative advantage then pushes down tokens the
+    student gives little probability (``-A grad log pi`` does not vanish as pi -> 0, while the
+    positive side saturates), and the token mean weights long failing continuations most."""
+    out = []
+    for m, src, a in zip(masks, sources, advantages):
+        if a is None:
+            out.append(m)
+            continue
+        out.append([0 if (s == SOURCE_TEACHER and x <= 0) else keep for keep, s, x in zip(m, src, a)])
+    return out
 
 
 def use_steps(trajectories, cfg: OVDConfig) -> bool:

@@ -21,6 +21,9 @@ def test_learning_benchmark_runs_resumes_and_reports(tmp_path):
         assert m["heldout"][phase]["n"] == 2 and m["heldout"][phase]["complete"]
     assert {"reward", "answered", "invalid_action_rate", "seconds_rollout", "peak_anon_mb", "logprob_drift"} <= set(m["curve"][0])
     assert res["settings"]["steps"] == 2
+    from benchmarks.eval import code_version
+
+    assert m["code"] == [code_version()]  # the code each training call ran with, from its log
     assert (out / "learning.png").stat().st_size > 0 and "grpo" in (out / "README.md").read_text()
     stamp = (out / "runs" / "grpo" / "metrics.jsonl").stat().st_mtime
     assert main(args) == 0  # everything done: nothing retrained

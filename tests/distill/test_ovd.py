@@ -289,3 +289,31 @@ def test_train_ovd_with_an_http_teacher(tmp_path, chat_url):
     assert line["seconds_scoring"] > 0 and line["seconds_continuation"] > 0  # the teacher phase, split
     recs = [json.loads(x) for x in (tmp_path / "run" / "trajectories" / "step_000001.jsonl").read_text().splitlines()]
     assert all(set(r["sources"]) == {SOURCE_TEACHER} for r in recs)
+
+
+def test_positive_teacher_masks_keep_teacher_tokens_only_where_the_advantage_is_positive():
+    from distill.methods.ovd import positive_teacher_masks
+
+    S, T = SOURCE_STUDENT, SOURCE_TEACHER
+    masks = [[1, 1, 1], [1, 1], [1, 0], [1]]
+    sources = [[S, T, T], [T, T], [S, T], [T]]
+    adv = [[0.5, 0.5, 0.5], [-1.0, -1.0], [-0.2, -0.2], None]  # None: a dropped trajectory
+    assert positive_teacher_masks(masks, sources, adv) == [[1, 1, 1], [0, 0], [1, 0], [1]]
+    assert positive_teacher_masks([[1, 1]], [[T, T]], [[0.0, 0.0]]) == [[0, 0]]  # a tied group: nothing pushed
+    with pytest.raises(ValueError, match="teacher_token_advantage"):
+        OVDConfig(teacher_token_advantage="negative")
+
+
+def test_positive_mode_trains_no_teacher_token_of_a_tied_group():
+    """Through prepare: the scripted teacher answers every episode alike, so each group ties (all
+    advantages 0): with ``teacher_token_advantage=positive`` none of its tokens trains, while the
+    student's kept first turns still do."""
+    policy, tok, roll, trajs = student_rollout()
+    sig = prepare(trajs, ScriptedTeacher(first=7, later=2), OVDConfig(threshold=5, teacher_token_advantage="positive"),
+                  Ctx(policy, roll))
+    for new, mask in zip(sig.trajectories, sig.train_masks):
+        src = [s for s, lm in zip(new.sources, new.loss_mask) if lm]
+        assert all(a == 0.0 for a in sig.advantages[sig.trajectories.index(new)])
+        assert [m for m, s in zip(mask, src) if s == SOURCE_TEACHER] == [0] * src.count(SOURCE_TEACHER)
+        assert [m for m, s in zip(mask, src) if s == SOURCE_STUDENT] == [1] * src.count(SOURCE_STUDENT)
+        assert src.count(SOURCE_TEACHER) > 0 and src.count(SOURCE_STUDENT) > 0
