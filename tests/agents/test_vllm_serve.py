@@ -15,19 +15,14 @@ pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs vLLM on a CUDA GPU
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(vllm_served):
+    """The session's ``vllm serve`` of the small model (tests/conftest.py) and the same model in
+    transformers, both float32."""
     from agents.hf_policy import TransformersPolicy
-    from agents.models import MissingModelPackage, load_model
-    from agents.serve_model import serve_process
+    from agents.models import load_model
 
-    try:
-        model, tok = load_model("small", dtype="float32", device=DEVICE)
-    except MissingModelPackage as exc:
-        pytest.skip(str(exc))
-    extra = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048"]
-    extra += ["--kv-cache-memory-bytes", str(1 << 30)] if DEVICE == "cpu" else ["--gpu-memory-utilization", "0.3"]
-    with serve_process("small", "vllm", extra, log_path=tmp_path_factory.mktemp("vllm") / "serve.log") as srv:
-        yield srv.base + "/v1", TransformersPolicy(model, tok)
+    model, tok = load_model("small", dtype="float32", device=DEVICE)
+    return vllm_served, TransformersPolicy(model, tok)
 
 
 @pytest.fixture(scope="module")

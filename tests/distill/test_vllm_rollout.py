@@ -1,7 +1,7 @@
 """``rollout.engine=vllm``: a 2-step grpo run whose episodes an in-process vLLM engine samples
 (the small model + LoRA). The adapter changes; step 2 is sampled with step 1's adapter (the
 metrics say so, and vLLM with that adapter decodes greedily what peft does); the sampler/learner
-drift is logged; a run stopped after step 1 resumes to the uninterrupted run's weights. The same
+drift is logged; a run that lost step 2's checkpoint resumes to the uninterrupted run's weights. The same
 with a separate ``vllm serve`` on 127.0.0.1 (``rollout.url``), whose adapters are loaded and
 unloaded at run time. Runs wherever vLLM can (a CUDA GPU, or vLLM's CPU build: ``scripts/test_vllm_cpu.sh``)."""
 import json
@@ -59,14 +59,12 @@ def test_adapter_changes_and_reaches_vllm_each_step(reference):
     assert any(not torch.equal(b1[k], b2[k]) for k in b1)
 
 
-def test_vllm_greedy_with_the_step1_adapter_matches_peft(reference):
+def test_vllm_greedy_with_the_step1_adapter_matches_peft(reference, vllm_small):
     from peft import PeftModel
 
     from agents.hf_policy import TransformersPolicy
     from agents.models import load_model
     from agents.policy import SamplingParams, chat_ids
-    from agents.vllm_policy import VLLMPolicy
-
     adapter = str(reference / "rollout_adapter" / "step_1")
     model, tok = load_model("small", dtype="float32", device=DEVICE)
     base = TransformersPolicy(model, tok)
@@ -74,20 +72,30 @@ def test_vllm_greedy_with_the_step1_adapter_matches_peft(reference):
     sp = SamplingParams(temperature=0.0, max_new_tokens=12)
     plain = base.generate([prompt], sp)[0].token_ids
     peft = TransformersPolicy(PeftModel.from_pretrained(model, adapter).eval(), tok).generate([prompt], sp)[0]
-    kw = {"kv_cache_memory_bytes": 1 << 30} if DEVICE == "cpu" else {}
-    with VLLMPolicy("small", dtype="float32", max_lora_rank=8, enforce_eager=True, max_model_len=1024, **kw) as v:
-        v.load_adapter(adapter)
-        got = v.generate([prompt], sp)[0]
+    vllm_small.load_adapter(adapter)  # the session's engine (tests/conftest.py)
+    try:
+        got = vllm_small.generate([prompt], sp)[0]
+    finally:
+        vllm_small.load_adapter(None)
     assert got.token_ids[:8] == peft.token_ids[:8]
     assert got.logprobs[:8] == pytest.approx(peft.logprobs[:8], abs=2e-2)
     assert peft.token_ids != plain or peft.logprobs != pytest.approx(base.generate([prompt], sp)[0].logprobs, abs=1e-4)
 
 
 def test_resume_with_vllm_rollouts_gives_the_same_weights(reference, tmp_path):
+    """The reference run as a kill after step 2's metrics line but before its checkpoint would
+    leave it (step 2's checkpoint gone): resuming samples step 2 in a fresh engine with step 1's
+    adapter and reaches the uninterrupted run's weights. (A kill at each point of a step is
+    tested on the transformers engine in test_resume.py; this is the vLLM adapter hand-over.)"""
+    import shutil
+
     out = tmp_path / "run"
-    train(out, "steps=1")
+    shutil.copytree(reference, out)
+    assert (out / "checkpoints" / "step_000001").is_dir()
+    shutil.rmtree(out / "checkpoints" / "step_000002")
     train(out, "steps=2", "resume=true")
     assert [x["step"] for x in lines(out)] == [1, 2]
+    assert lines(out)[1]["rollout_adapter_step"] == 1  # the fresh engine was handed step 1's adapter
     assert [x["reward"] for x in lines(out)] == pytest.approx([x["reward"] for x in lines(reference)], abs=1e-6)
     a = load_file(str(out / "checkpoints" / "step_000002" / "trainable.safetensors"))
     b = load_file(str(reference / "checkpoints" / "step_000002" / "trainable.safetensors"))
@@ -96,22 +104,9 @@ def test_resume_with_vllm_rollouts_gives_the_same_weights(reference, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``vllm serve`` of the small model on 127.0.0.1, with runtime LoRA loading on."""
-    import os
-
-    from agents.models import MissingModelPackage, resolve_model
-    from agents.serve_model import serve_process
-
-    try:
-        resolve_model("small")
-    except MissingModelPackage as exc:
-        pytest.skip(str(exc))
-    extra = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--enable-lora", "--max-lora-rank", "8"]
-    extra += ["--kv-cache-memory-bytes", str(1 << 30)] if DEVICE == "cpu" else ["--gpu-memory-utilization", "0.3"]
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    with serve_process("small", "vllm", extra, log_path=tmp_path_factory.mktemp("serve") / "serve.log", env=env) as srv:
-        yield srv.base + "/v1"
+def server(vllm_served):
+    """The session's ``vllm serve`` of the small model (tests/conftest.py), runtime LoRA loading on."""
+    return vllm_served
 
 
 def test_a_vllm_serve_endpoint_samples_with_each_steps_adapter(server, tmp_path):

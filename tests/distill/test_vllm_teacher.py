@@ -68,3 +68,15 @@ def test_vllm_score_distribution_and_chat_agree_with_the_local_teacher(teachers)
     chat = [{"role": "user", "content": "Say hello, then write <answer> hi </answer>."}]
     sp = SamplingParams(temperature=0.0, max_new_tokens=8)  # greedy: the same first tokens (float32 both sides)
     assert v.chat([chat], sp) == local.chat([chat], sp)
+
+
+def test_a_closed_engine_says_so(teachers):
+    """Last in this module, as it closes the module's engine: a closed VLLMPolicy refuses to
+    generate with a message that says so, and closing twice (the fixture closes again) is harmless."""
+    v, _, _ = teachers
+    chat = [[{"role": "user", "content": "Hi"}]]
+    assert v.score(chat)[0].startswith("Score:")
+    v.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        v.score(chat)
+    v.close()
