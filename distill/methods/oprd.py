@@ -1,7 +1,8 @@
 """oprd: on-policy representation distillation - align hidden states on the student's rollouts.
 
 ``L = mean over layers l, agent tokens t, dims of (h_S^l_t - sg(h_T^l_t))^2`` over the block
-outputs of ``layers`` (``all`` or a comma list, 1-based) at the last ``positions`` agent tokens
+outputs of ``layers`` (``all`` or a comma list, 1-based; as transformers' ``hidden_states`` give
+them, the last layer's is after the model's final norm, on both sides) at the last ``positions`` agent tokens
 of each sequence (0 = all of them). No LM head is involved. The mean over ``t`` is over the
 selected positions of the whole step: ``prepare`` gives each selected token the weight
 ``1 / (selected positions of the step's kept trajectories)`` (extra ``oprd_weight``), so ``mu``
