@@ -64,7 +64,7 @@ def continue_once(rows, actor, student, make_env, conf: dict, schedule: str, see
 
     policy = PrefixPolicy(student, actor, {e: r["forced"] for e, r in enumerate(rows)},
                           temperature=conf["method"].get("teacher_temperature", 0.7))
-    per_turn = (conf["env"].get("max_tokens_per_turn") or conf["max_tokens_per_turn"])
+    per_turn = conf["env"].get("max_tokens_per_turn") or conf["max_tokens_per_turn"]  # as distill.train reads it
     t0 = time.perf_counter()
     trajs = rollout(policy, make_env, [{"question_id": r["question_id"]} for r in rows], 1, SamplingParams(seed=seed),
                     per_turn, conf["max_total_tokens"], seed=seed, schedule=schedule)

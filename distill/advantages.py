@@ -55,8 +55,8 @@ def turn_advantages(
     std = float(r.std(unbiased=False))
     # a near-tie counts as a tie: the same turn scores in another order average to rewards an ulp
     # apart, whose std (~1e-17) would divide the turn deviations as eps does
-    near_tied = std <= 1e-9 * max(1.0, float(r.abs().max()))
-    if len(rewards_G) == 1 or (scale and (tied or near_tied)):
+    near_tied = std <= 1e-9 * max(1.0, float(r.abs().max()))  # exact ties included
+    if len(rewards_G) == 1 or (scale and near_tied):
         return [[0.0] * len(xs) for xs in token_rewards_G_T]
     mean = float(r[0, 0]) if tied else float(r.mean())  # the exact common value, no rounding
     den = std + eps if scale else 1.0

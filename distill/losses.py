@@ -59,13 +59,11 @@ def policy_gradient_loss(
     ``ratio A`` is the minimum, so a token the sampler found much less likely than the learner
     does (a large ratio) would weigh without bound. The dual clip truncates that ratio at ``c``
     (no gradient beyond it): the truncated importance weight (METHODS.md) where sampler and
-    learner differ. ``dual_clip=0`` turns it off (plain PPO-clip).
+    learner differ. ``dual_clip=0`` turns it off (plain PPO-clip); ``MethodConfig`` checks it is > 1.
 
     With ``old_logprobs = logprobs.detach()`` (one update per batch) the ratio is 1 and the
     gradient is the REINFORCE gradient ``-A grad log pi``.
     """
-    if dual_clip and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1 (or 0 to turn it off), got {dual_clip}")
     ratio = torch.exp(logprobs_B_T - old_logprobs_B_T)
     adv = advantages_B_T.detach()
     unclipped = ratio * adv

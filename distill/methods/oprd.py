@@ -1,10 +1,10 @@
 """oprd: on-policy representation distillation - align hidden states on the student's rollouts.
 
 ``L = mean over layers l, agent tokens t, dims of (h_S^l_t - sg(h_T^l_t))^2`` over the block
-outputs of ``layers`` (``all`` or a comma list, 1-based; as transformers' ``hidden_states`` give
-them, the last layer's is after the model's final norm, on both sides) at the last ``positions`` agent tokens
-of each sequence (0 = all of them). No LM head is involved. The mean over ``t`` is over the
-selected positions of the whole step: ``prepare`` gives each selected token the weight
+outputs of ``layers`` (``all`` or a comma list, 1-based; as transformers' ``hidden_states``
+give them, the last layer's is after the model's final norm, on both sides) at the last
+``positions`` agent tokens of each sequence (0 = all of them). No LM head is involved. The mean
+over ``t`` is over the selected positions of the whole step: ``prepare`` gives each selected token the weight
 ``1 / (selected positions of the step's kept trajectories)`` (extra ``oprd_weight``), so ``mu``
 means the same whatever the number of unselected agent tokens, and micro-batches add up.
 
@@ -13,8 +13,8 @@ layer l maps to teacher layer ``round((l-1)/(L_S-1)*(L_T-1))+1``; a frozen PCA p
 rank ``rank`` is fitted on the teacher's states and a frozen linear projector (least squares)
 maps the student's states onto those PCA coordinates, both fitted once on the first step's
 rollouts with the initial student (rank 0's rollouts under torchrun) and kept in the checkpoint;
-the loss compares L2-normalised projected vectors. Combine with opd through ``opd_coef`` (k1 form, ``L = L_opd + mu L_oprd``)
-or use it alone (``opd_coef=0``: the env advantage plus ``mu L_oprd``).
+the loss compares L2-normalised projected vectors. Combine with opd through ``opd_coef`` (k1
+form, ``L = L_opd + mu L_oprd``) or use it alone (``opd_coef=0``: the env advantage plus ``mu L_oprd``).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distill import dist
 from distill.losses import hidden_sq_err_N, masked_mean
 from distill.methods import Method, MethodConfig, Signal, env_signal, pg_term
 from distill.methods.opd import agent_targets
@@ -66,8 +67,6 @@ def selection_weights(trajectories, kept: list[bool], k: int) -> list[list[float
     """Per agent token: ``1 / n_selected`` at the last ``k`` agent tokens (all when ``k=0``) of
     each kept trajectory, else 0; ``n_selected`` counts the selected tokens of the whole step,
     every rank's under torchrun (the ranks' gradients are summed, as the PG term's are)."""
-    from distill import dist
-
     flags = []
     for t, keep in zip(trajectories, kept):
         n = sum(t.loss_mask)
@@ -88,8 +87,6 @@ def prepare(trajectories, teacher, cfg, ctx) -> Signal:
         sig.extras["teacher_logprobs"] = lq
     sig.extras["oprd_weight"] = selection_weights(trajectories, [a is not None for a in sig.advantages], cfg.positions)
     if "bridge" not in ctx.state:
-        from distill import dist
-
         # under torchrun every rank takes rank 0's projectors, so all ranks optimise one objective
         ctx.state["bridge"] = dist.broadcast(fit_bridge(trajectories, teacher, cfg, ctx))
     return sig

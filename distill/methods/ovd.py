@@ -260,11 +260,12 @@ def _prepare_replace(trajectories, teacher, cfg: OVDConfig, ctx) -> Signal:
     m["seconds_scoring"], m["seconds_continuation"] = t1 - t0, time.perf_counter() - t1  # the teacher phase, split
     out = [mixed.get(i, t) for i, t in enumerate(trajectories)]
     rewards: list[float | None] = []
-    masks, teacher_tokens, replaced, teacher_turns = [], 0, 0, 0
+    masks, sources, teacher_tokens, replaced, teacher_turns = [], [], 0, 0, 0
     for i, t in enumerate(out):
         failed = i in dropped or t.info.get("teacher_failed")
         rewards.append(None if failed else float(t.reward))  # Eq. 4: the outcome reward only
         src = [s for s, lm in zip(t.sources, t.loss_mask) if lm]
+        sources.append(src)
         masks.append([1 if (s == SOURCE_STUDENT or cfg.train_on_teacher_tokens) else 0 for s in src])
         if i in cut_at:
             teacher_tokens += sum(s != SOURCE_STUDENT for s in src)
@@ -275,7 +276,7 @@ def _prepare_replace(trajectories, teacher, cfg: OVDConfig, ctx) -> Signal:
     # Eq. 4: GRPO advantages of the mixed trajectories' outcome rewards
     adv = sample_advantages(rewards, [t.num_agent_tokens for t in out], ctx.group_size, cfg.scale_advantages)
     if cfg.teacher_token_advantage == "positive":
-        masks = positive_teacher_masks(masks, [[s for s, lm in zip(t.sources, t.loss_mask) if lm] for t in out], adv)
+        masks = positive_teacher_masks(masks, sources, adv)
     return Signal(advantages=adv, trajectories=out, train_masks=masks, metrics={
         **m, **_stats(flat), "dropped": sum(r is None for r in rewards),
         "accept_rate": sum(cuts[i] is None for i in scored) / max(len(scored), 1),

@@ -117,19 +117,18 @@ class PrefixPolicy(_StudentTokens):
         self.heads = dict(heads or {})
         self.turns: dict[int, int] = {}
 
+    def _replayed(self, ep: int) -> Completion | None:
+        """Episode ``ep``'s next turn: the student's, replayed, while it has one (counts the turn)."""
+        k = self.turns.get(ep, 0)
+        self.turns[ep] = k + 1
+        forced = self.forced.get(ep, [])
+        return forced[k] if k < len(forced) else None
+
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, contexts=None):
         from dataclasses import replace
 
-        out: list[Completion | None] = [None] * len(prompts)
-        delegate = []
-        for i, ctx in enumerate(contexts):
-            ep = ctx["episode"]
-            k = self.turns.get(ep, 0)
-            self.turns[ep] = k + 1
-            if k < len(self.forced.get(ep, [])):
-                out[i] = self.forced[ep][k]
-            else:
-                delegate.append(i)
+        out: list[Completion | None] = [self._replayed(ctx["episode"]) for ctx in contexts]
+        delegate = [i for i, c in enumerate(out) if c is None]
         if delegate:
             sp = replace(sampling, **self.sampling) if self.sampling else sampling
             heads = [self.heads.pop(contexts[i]["episode"], None) for i in delegate]
@@ -175,14 +174,11 @@ class _PrefixScheduler:
         self.heads: dict[int, tuple[Completion, int]] = {}  # key -> (the student's head of this turn, budget)
 
     def submit(self, key: int, ids, max_new_tokens: int, context: dict | None = None) -> None:
-        ep = context["episode"] if context and "episode" in context else key
-        k = self.owner.turns.get(ep, 0)
-        self.owner.turns[ep] = k + 1
-        forced = self.owner.forced.get(ep, [])
-        if k < len(forced):
-            self.ready.append((key, forced[k]))
+        replayed = self.owner._replayed(key)  # the rollout's key is the episode index
+        if replayed is not None:
+            self.ready.append((key, replayed))
             return
-        head = self.owner.heads.pop(ep, None)
+        head = self.owner.heads.pop(key, None)
         if head is None:
             self.inner.submit(key, ids, max_new_tokens, context)
             return

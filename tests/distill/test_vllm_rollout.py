@@ -103,13 +103,8 @@ def test_resume_with_vllm_rollouts_gives_the_same_weights(reference, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def server(vllm_served):
-    """The session's ``vllm serve`` of the small model (tests/conftest.py), runtime LoRA loading on."""
-    return vllm_served
-
-
-def test_a_vllm_serve_endpoint_samples_with_each_steps_adapter(server, tmp_path):
+def test_a_vllm_serve_endpoint_samples_with_each_steps_adapter(vllm_served, tmp_path):
+    """Against the session's ``vllm serve`` of the small model (tests/conftest.py), runtime LoRA loading on."""
     import requests
     from peft import PeftModel
 
@@ -122,18 +117,18 @@ def test_a_vllm_serve_endpoint_samples_with_each_steps_adapter(server, tmp_path)
     base = [a for a in ARGS if not a.startswith("rollout.")]
     from distill.run import main
 
-    assert main([*base, "rollout.engine=vllm", f"rollout.url={server}", f"output_dir={out}", "steps=2"]) == 0
+    assert main([*base, "rollout.engine=vllm", f"rollout.url={vllm_served}", f"output_dir={out}", "steps=2"]) == 0
     got = lines(out)
     assert [x["rollout_adapter_step"] for x in got] == [0, 1]
     assert all(math.isfinite(x["logprob_drift"]) and x["logprob_drift"] < 0.05 for x in got)
-    served = {m["id"] for m in requests.get(server + "/models", timeout=10).json()["data"]}
+    served = {m["id"] for m in requests.get(vllm_served + "/models", timeout=10).json()["data"]}
     assert "step-2" in served and "step-1" not in served  # the newest adapter loaded, the one before unloaded
     # greedy through the server with the step-2 adapter = peft with the same folder
     model, tok = load_model("small", dtype="float32", device=DEVICE)
     peft = TransformersPolicy(PeftModel.from_pretrained(model, str(out / "rollout_adapter" / "step_2")).eval(), tok)
     prompt = chat_ids(tok, [{"role": "user", "content": "Say something with many vowels (4)."}])
     sp = SamplingParams(temperature=0.0, max_new_tokens=12)
-    client = OpenAIPolicy(server, model="step-2", tokenizer=tok, timeout=120)
+    client = OpenAIPolicy(vllm_served, model="step-2", tokenizer=tok, timeout=120)
     try:
         a, b = client.generate([prompt], sp)[0], peft.generate([prompt], sp)[0]
     finally:
